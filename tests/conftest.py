@@ -1,0 +1,82 @@
+"""Shared fixtures: registries of every backend, free ports, service checks.
+
+A test that needs a service (Redis) skips with a reason when it is missing,
+except under CI (``CI`` set), where a missing service is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from wsgi_async.registry import MemoryRegistry, Registry
+
+REDIS_URL = os.environ.get("WSGI_ASYNC_TEST_REDIS", "redis://127.0.0.1:6379/15")
+IN_CI = bool(os.environ.get("CI"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def require_redis(url: str = REDIS_URL) -> None:
+    """Skip (locally) or fail (under CI) unless Redis answers at ``url``."""
+    try:
+        import redis
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        if IN_CI:
+            pytest.fail(f"redis-py is not installed: {exc}")
+        pytest.skip("redis-py is not installed (pip install 'wsgi-async[redis]')")
+    try:
+        redis.Redis.from_url(url, socket_timeout=2).ping()
+    except redis.RedisError as exc:
+        if IN_CI:
+            pytest.fail(f"Redis is required under CI and is unreachable at {url}: {exc}")
+        pytest.skip(f"Redis is unreachable at {url}: {exc}")
+
+
+def make_registry(kind: str, tmp_path: Path, max_tasks: int = 10_000) -> Registry:
+    if kind == "memory":
+        return MemoryRegistry(max_tasks=max_tasks)
+    if kind == "sqlite":
+        from wsgi_async.registry.sqlite import SQLiteRegistry
+
+        return SQLiteRegistry(tmp_path / "tasks.db", max_tasks=max_tasks)
+    if kind == "redis":
+        require_redis()
+        from wsgi_async.registry.redis import RedisRegistry
+
+        prefix = f"wsgi-async-test:{secrets.token_hex(6)}:"
+        return RedisRegistry.from_url(REDIS_URL, max_tasks=max_tasks, prefix=prefix)
+    raise AssertionError(kind)
+
+
+BACKENDS = ["memory", "sqlite", "redis"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def registry(backend: str, tmp_path: Path) -> Iterator[Registry]:
+    reg = make_registry(backend, tmp_path)
+    yield reg
+    _cleanup(reg)
+
+
+def _cleanup(reg: Registry) -> None:
+    prefix = getattr(reg, "prefix", None)
+    client = getattr(reg, "client", None)
+    if prefix and client is not None:
+        for key in client.scan_iter(match=prefix + "*", count=500):
+            client.delete(key)
+    reg.close()

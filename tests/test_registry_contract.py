@@ -1,0 +1,270 @@
+"""The contract every registry backend fulfils, run against each of them."""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import _cleanup, make_registry
+from wsgi_async.registry import (
+    Registry,
+    RegistryFull,
+    RequestSnapshot,
+    StoredResponse,
+    TaskRecord,
+    TaskStatus,
+)
+
+OK = StoredResponse(
+    "200 OK",
+    (("Content-Type", "application/octet-stream"), ("X-Latin", "caf\u00e9")),
+    bytes(range(256)) * 4,
+)
+BOOM = StoredResponse("500 Internal Server Error", (("Content-Type", "text/plain"),), b"boom")
+
+
+def new_task(worker: str = "w1", **fields: object) -> TaskRecord:
+    return TaskRecord(id=secrets.token_urlsafe(16), route="^/r", worker=worker, **fields)  # type: ignore[arg-type]
+
+
+def test_create_and_get_round_trip(registry: Registry) -> None:
+    record = new_task(timeout=5.0, result_ttl=60.0, owner="abc")
+    created = registry.create(record)
+    assert created.id == record.id
+    got = registry.get(record.id)
+    assert got is not None
+    assert got.status is TaskStatus.QUEUED
+    assert got.route == "^/r"
+    assert got.owner == "abc"
+    assert got.timeout == 5.0
+    assert got.result_ttl == 60.0
+    assert got.created_at == pytest.approx(record.created_at, abs=1e-3)
+    assert got.response is None and got.started_at is None
+
+
+def test_unknown_task_is_none(registry: Registry) -> None:
+    assert registry.get("nope") is None
+    assert registry.start("nope", "w1") is None
+    assert registry.finish("nope", "w1", TaskStatus.DONE, OK) is False
+    assert registry.delete("nope") is False
+    assert registry.request("nope") is None
+
+
+def test_start_is_conditional(registry: Registry) -> None:
+    record = registry.create(new_task())
+    assert registry.start(record.id, "other") is None
+    started = registry.start(record.id, "w1")
+    assert started is not None
+    assert started.status is TaskStatus.RUNNING
+    assert started.attempts == 1
+    assert started.started_at is not None
+    assert registry.start(record.id, "w1") is None
+
+
+def test_finish_stores_the_response_byte_for_byte(registry: Registry) -> None:
+    record = registry.create(new_task())
+    assert registry.finish(record.id, "w1", TaskStatus.DONE, OK) is False  # not running yet
+    registry.start(record.id, "w1")
+    assert registry.finish(record.id, "w2", TaskStatus.DONE, OK) is False
+    assert registry.finish(record.id, "w1", TaskStatus.DONE, OK) is True
+    got = registry.get(record.id)
+    assert got is not None
+    assert got.status is TaskStatus.DONE
+    assert got.response == OK
+    assert got.finished_at is not None
+    assert registry.finish(record.id, "w1", TaskStatus.FAILED, BOOM) is False
+    assert registry.get(record.id).response == OK  # type: ignore[union-attr]
+
+
+def test_fail_discards_a_late_result(registry: Registry) -> None:
+    record = registry.create(new_task())
+    registry.start(record.id, "w1")
+    assert registry.fail(record.id, BOOM) is True
+    assert registry.finish(record.id, "w1", TaskStatus.DONE, OK) is False
+    got = registry.get(record.id)
+    assert got is not None and got.status is TaskStatus.FAILED and got.response == BOOM
+    assert registry.fail(record.id, BOOM) is False
+
+
+def test_wait_returns_at_once_when_final(registry: Registry) -> None:
+    record = registry.create(new_task())
+    registry.start(record.id, "w1")
+    registry.finish(record.id, "w1", TaskStatus.DONE, OK)
+    began = time.monotonic()
+    got = registry.wait(record.id, 5)
+    assert got is not None and got.status is TaskStatus.DONE
+    assert time.monotonic() - began < 1
+
+
+def test_wait_times_out_on_a_pending_task(registry: Registry) -> None:
+    record = registry.create(new_task())
+    began = time.monotonic()
+    got = registry.wait(record.id, 0.3)
+    elapsed = time.monotonic() - began
+    assert got is not None and got.status is TaskStatus.QUEUED
+    assert 0.25 <= elapsed < 2
+
+
+def test_wait_is_woken_by_the_completion(registry: Registry) -> None:
+    record = registry.create(new_task())
+    registry.start(record.id, "w1")
+
+    def finish_later() -> None:
+        time.sleep(0.2)
+        registry.finish(record.id, "w1", TaskStatus.DONE, OK)
+
+    thread = threading.Thread(target=finish_later)
+    thread.start()
+    began = time.monotonic()
+    got = registry.wait(record.id, 10)
+    elapsed = time.monotonic() - began
+    thread.join()
+    assert got is not None and got.status is TaskStatus.DONE
+    assert elapsed < 1.5, f"woken after {elapsed:.2f}s"
+
+
+def test_wait_on_unknown_task(registry: Registry) -> None:
+    assert registry.wait("missing", 0.1) is None
+
+
+def test_delete(registry: Registry) -> None:
+    record = registry.create(new_task())
+    assert registry.delete(record.id) is True
+    assert registry.get(record.id) is None
+    assert registry.delete(record.id) is False
+
+
+def test_idempotency_key_returns_the_first_task(registry: Registry) -> None:
+    first = registry.create(new_task(), idempotency_key="k1")
+    second = registry.create(new_task(), idempotency_key="k1")
+    assert second.id == first.id
+    other = registry.create(new_task(), idempotency_key="k2")
+    assert other.id != first.id
+    registry.delete(first.id)
+    third = registry.create(new_task(), idempotency_key="k1")
+    assert third.id != first.id
+
+
+def test_request_snapshot_is_kept_for_replay(registry: Registry) -> None:
+    snapshot = RequestSnapshot({"REQUEST_METHOD": "POST", "PATH_INFO": "/r"}, b"\x00body\xff")
+    record = registry.create(new_task(replay=True), request=snapshot)
+    assert registry.request(record.id) == snapshot
+    plain = registry.create(new_task())
+    assert registry.request(plain.id) is None
+
+
+def test_max_tasks_is_enforced(backend: str, tmp_path: Path) -> None:
+    reg = make_registry(backend, tmp_path, max_tasks=3)
+    try:
+        for _ in range(3):
+            reg.create(new_task())
+        with pytest.raises(RegistryFull):
+            reg.create(new_task())
+    finally:
+        _cleanup(reg)
+
+
+def test_finished_tasks_expire_after_their_ttl(registry: Registry) -> None:
+    done = registry.create(new_task(result_ttl=0.3))
+    pending = registry.create(new_task(result_ttl=0.3))
+    registry.start(done.id, "w1")
+    registry.finish(done.id, "w1", TaskStatus.DONE, OK)
+    assert registry.get(done.id) is not None
+    time.sleep(1.2)
+    registry.expire()
+    assert registry.get(done.id) is None
+    assert registry.get(pending.id) is not None  # pending tasks never expire
+
+
+def test_expired_tasks_free_their_place(backend: str, tmp_path: Path) -> None:
+    reg = make_registry(backend, tmp_path, max_tasks=2)
+    try:
+        for _ in range(2):
+            task = reg.create(new_task(result_ttl=0.2))
+            reg.start(task.id, "w1")
+            reg.finish(task.id, "w1", TaskStatus.DONE, OK)
+        time.sleep(1.1)
+        reg.expire()
+        reg.create(new_task())  # does not raise RegistryFull
+    finally:
+        _cleanup(reg)
+
+
+def test_reap_settles_the_tasks_of_a_dead_worker(registry: Registry) -> None:
+    registry.heartbeat("dead", 0.3)
+    registry.heartbeat("alive", 30)
+    lost = registry.create(new_task("dead"))
+    registry.start(lost.id, "dead")
+    queued_lost = registry.create(new_task("dead"))
+    snapshot = RequestSnapshot({"PATH_INFO": "/r"}, b"again")
+    replayed = registry.create(new_task("dead", replay=True), request=snapshot)
+    registry.start(replayed.id, "dead")
+    mine = registry.create(new_task("alive"))
+    assert registry.reap("alive") == []  # the lease has not lapsed yet
+    time.sleep(1.2)
+    requeued = registry.reap("alive")
+    assert [r.id for r in requeued] == [replayed.id]
+    for task_id in (lost.id, queued_lost.id):
+        got = registry.get(task_id)
+        assert got is not None and got.status is TaskStatus.FAILED
+        assert got.response is not None and got.response.status_code == 500
+        assert b"worker_lost" in got.response.body
+    again = registry.get(replayed.id)
+    assert again is not None and again.status is TaskStatus.QUEUED and again.worker == "alive"
+    assert registry.request(replayed.id) == snapshot
+    started = registry.start(replayed.id, "alive")
+    assert started is not None and started.attempts == 2
+    assert registry.finish(replayed.id, "dead", TaskStatus.DONE, OK) is False
+    assert registry.finish(replayed.id, "alive", TaskStatus.DONE, OK) is True
+    assert registry.get(mine.id).status is TaskStatus.QUEUED  # type: ignore[union-attr]
+    assert registry.reap("alive") == []
+
+
+def test_reap_respects_its_limit(registry: Registry) -> None:
+    registry.heartbeat("dead", 0.2)
+    ids = [registry.create(new_task("dead")).id for _ in range(5)]
+    time.sleep(1.1)
+    registry.reap("alive", limit=2)
+    failed = [i for i in ids if registry.get(i).status is TaskStatus.FAILED]  # type: ignore[union-attr]
+    assert len(failed) == 2
+    registry.reap("alive", limit=10)
+    assert all(registry.get(i).status is TaskStatus.FAILED for i in ids)  # type: ignore[union-attr]
+
+
+def test_a_renewed_lease_is_not_reaped(registry: Registry) -> None:
+    registry.heartbeat("w1", 0.2)
+    task = registry.create(new_task("w1"))
+    registry.heartbeat("w1", 30)
+    time.sleep(0.4)
+    assert registry.reap("w2") == []
+    assert registry.get(task.id).status is TaskStatus.QUEUED  # type: ignore[union-attr]
+
+
+def test_every_task_is_finished_exactly_once_under_contention(registry: Registry) -> None:
+    tasks = [registry.create(new_task()) for _ in range(60)]
+    for task in tasks:
+        registry.start(task.id, "w1")
+    wins: list[str] = []
+    lock = threading.Lock()
+
+    def race(status: TaskStatus) -> None:
+        for task in tasks:
+            if status is TaskStatus.DONE:
+                won = registry.finish(task.id, "w1", status, OK)
+            else:
+                won = registry.fail(task.id, BOOM)
+            if won:
+                with lock:
+                    wins.append(task.id)
+
+    threads = [threading.Thread(target=race, args=(s,)) for s in (TaskStatus.DONE, TaskStatus.FAILED) * 2]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(wins) == sorted(t.id for t in tasks)
+    assert all(registry.get(t.id).status.is_final for t in tasks)  # type: ignore[union-attr]

@@ -1,0 +1,56 @@
+"""Registry backends and :func:`open_registry`, which picks one from a URL."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from .base import (
+    Registry,
+    RegistryError,
+    RegistryFull,
+    RegistryUnavailable,
+    RequestSnapshot,
+    StoredResponse,
+    TaskRecord,
+    TaskStatus,
+)
+from .memory import MemoryRegistry
+
+__all__ = [
+    "MemoryRegistry",
+    "Registry",
+    "RegistryError",
+    "RegistryFull",
+    "RegistryUnavailable",
+    "RequestSnapshot",
+    "StoredResponse",
+    "TaskRecord",
+    "TaskStatus",
+    "open_registry",
+]
+
+SCHEMES = ("memory", "sqlite", "redis", "rediss", "unix")
+
+
+def open_registry(url: str, *, max_tasks: int = 10_000) -> Registry:
+    """Open the registry that ``url`` names.
+
+    ``memory://`` keeps tasks in this process; ``sqlite:///path/to/tasks.db``
+    shares them between the processes of one host; ``redis://host:port/db``
+    between hosts.
+    """
+    scheme = urlsplit(url).scheme
+    if scheme == "memory":
+        return MemoryRegistry(max_tasks=max_tasks)
+    if scheme == "sqlite":
+        from .sqlite import SQLiteRegistry
+
+        return SQLiteRegistry.from_url(url, max_tasks=max_tasks)
+    if scheme in ("redis", "rediss", "unix"):
+        from .redis import RedisRegistry
+
+        return RedisRegistry.from_url(url, max_tasks=max_tasks)
+    raise ValueError(
+        f"registry: unsupported URL {url!r}; use one of "
+        + ", ".join(f"{s}://" for s in SCHEMES)
+    )

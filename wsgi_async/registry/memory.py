@@ -1,0 +1,217 @@
+"""The in-process registry: the embedded default for a single process.
+
+Everything lives in dicts guarded by one lock; every operation is O(1) and
+expiry costs O(expired) through a heap ordered by expiry time.  Tasks held by
+a process die with it, so this registry suits one-process servers only.
+"""
+
+from __future__ import annotations
+
+import heapq
+import threading
+import time
+from dataclasses import replace
+
+from .base import (
+    RegistryFull,
+    RequestSnapshot,
+    StoredResponse,
+    TaskRecord,
+    TaskStatus,
+    lost_worker_response,
+)
+
+
+class MemoryRegistry:
+    """Thread-safe, bounded in-memory registry (``memory://``)."""
+
+    def __init__(self, max_tasks: int = 10_000) -> None:
+        if max_tasks < 1:
+            raise ValueError(f"max_tasks must be at least 1, got {max_tasks!r}")
+        self.max_tasks = max_tasks
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._tasks: dict[str, TaskRecord] = {}
+        self._requests: dict[str, RequestSnapshot] = {}
+        self._keys: dict[str, str] = {}
+        self._key_of: dict[str, str] = {}
+        self._expiry: list[tuple[float, str]] = []
+        self._leases: dict[str, float] = {}
+        self._held: dict[str, set[str]] = {}
+
+    # -- creation and lookup -------------------------------------------------
+
+    def create(
+        self,
+        record: TaskRecord,
+        request: RequestSnapshot | None = None,
+        idempotency_key: str | None = None,
+    ) -> TaskRecord:
+        with self._lock:
+            self._expire_locked(time.time(), 100)
+            if idempotency_key is not None:
+                existing = self._keys.get(idempotency_key)
+                if existing is not None and existing in self._tasks:
+                    return replace(self._tasks[existing])
+            if len(self._tasks) >= self.max_tasks:
+                raise RegistryFull(f"the registry holds its maximum of {self.max_tasks} tasks")
+            stored = replace(record)
+            self._tasks[stored.id] = stored
+            if request is not None:
+                self._requests[stored.id] = request
+            if idempotency_key is not None:
+                self._keys[idempotency_key] = stored.id
+                self._key_of[stored.id] = idempotency_key
+            if stored.worker is not None:
+                self._held.setdefault(stored.worker, set()).add(stored.id)
+            return replace(stored)
+
+    def get(self, task_id: str) -> TaskRecord | None:
+        with self._lock:
+            record = self._live_locked(task_id)
+            return None if record is None else replace(record)
+
+    def request(self, task_id: str) -> RequestSnapshot | None:
+        with self._lock:
+            return self._requests.get(task_id)
+
+    # -- transitions ---------------------------------------------------------
+
+    def start(self, task_id: str, worker: str) -> TaskRecord | None:
+        with self._lock:
+            record = self._tasks.get(task_id)
+            if record is None or record.status is not TaskStatus.QUEUED or record.worker != worker:
+                return None
+            record.status = TaskStatus.RUNNING
+            record.started_at = time.time()
+            record.attempts += 1
+            return replace(record)
+
+    def finish(
+        self, task_id: str, worker: str, status: TaskStatus, response: StoredResponse
+    ) -> bool:
+        with self._lock:
+            record = self._tasks.get(task_id)
+            if record is None or record.status is not TaskStatus.RUNNING or record.worker != worker:
+                return False
+            self._settle_locked(record, status, response)
+            return True
+
+    def fail(self, task_id: str, response: StoredResponse) -> bool:
+        with self._lock:
+            record = self._tasks.get(task_id)
+            if record is None or record.status.is_final:
+                return False
+            self._settle_locked(record, TaskStatus.FAILED, response)
+            return True
+
+    def wait(self, task_id: str, timeout: float) -> TaskRecord | None:
+        deadline = time.monotonic() + max(0.0, timeout)
+        with self._lock:
+            while True:
+                record = self._live_locked(task_id)
+                remaining = deadline - time.monotonic()
+                if record is None or record.status.is_final or remaining <= 0:
+                    return None if record is None else replace(record)
+                self._changed.wait(remaining)
+
+    def delete(self, task_id: str) -> bool:
+        with self._lock:
+            return self._drop_locked(task_id)
+
+    # -- leases --------------------------------------------------------------
+
+    def heartbeat(self, worker: str, lease: float) -> None:
+        with self._lock:
+            self._leases[worker] = time.time() + lease
+
+    def retire(self, worker: str) -> None:
+        with self._lock:
+            self._leases.pop(worker, None)
+
+    def reap(self, worker: str, limit: int = 100) -> list[TaskRecord]:
+        now = time.time()
+        requeued: list[TaskRecord] = []
+        settled = 0
+        with self._lock:
+            for dead, expires in list(self._leases.items()):
+                if expires > now or dead == worker:
+                    continue
+                held = self._held.get(dead, set())
+                for task_id in list(held):
+                    if settled >= limit:
+                        return requeued
+                    settled += 1
+                    record = self._tasks[task_id]
+                    held.discard(task_id)
+                    if record.replay and task_id in self._requests:
+                        record.status = TaskStatus.QUEUED
+                        record.worker = worker
+                        record.started_at = None
+                        self._held.setdefault(worker, set()).add(task_id)
+                        requeued.append(replace(record))
+                    else:
+                        self._settle_locked(record, TaskStatus.FAILED, lost_worker_response(task_id))
+                self._held.pop(dead, None)
+                del self._leases[dead]
+        return requeued
+
+    # -- expiry --------------------------------------------------------------
+
+    def expire(self, limit: int = 1000) -> int:
+        with self._lock:
+            return self._expire_locked(time.time(), limit)
+
+    def close(self) -> None:
+        with self._lock:
+            self._changed.notify_all()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._tasks)
+
+    # -- internals (the lock is held) ------------------------------------------
+
+    def _live_locked(self, task_id: str) -> TaskRecord | None:
+        record = self._tasks.get(task_id)
+        if record is not None and (record.expires_at or float("inf")) <= time.time():
+            self._drop_locked(task_id)
+            return None
+        return record
+
+    def _settle_locked(
+        self, record: TaskRecord, status: TaskStatus, response: StoredResponse
+    ) -> None:
+        record.status = status
+        record.response = response
+        record.finished_at = time.time()
+        if record.worker is not None:
+            self._held.get(record.worker, set()).discard(record.id)
+        self._requests.pop(record.id, None)
+        heapq.heappush(self._expiry, (record.finished_at + record.result_ttl, record.id))
+        self._changed.notify_all()
+
+    def _drop_locked(self, task_id: str) -> bool:
+        record = self._tasks.pop(task_id, None)
+        if record is None:
+            return False
+        self._requests.pop(task_id, None)
+        key = self._key_of.pop(task_id, None)
+        if key is not None and self._keys.get(key) == task_id:
+            del self._keys[key]
+        if record.worker is not None:
+            held = self._held.get(record.worker)
+            if held is not None:
+                held.discard(task_id)
+        return True
+
+    def _expire_locked(self, now: float, limit: int) -> int:
+        dropped = 0
+        while self._expiry and self._expiry[0][0] <= now and dropped < limit:
+            _, task_id = heapq.heappop(self._expiry)
+            record = self._tasks.get(task_id)
+            # A heap entry is stale when the task was deleted or settled again.
+            if record is not None and (record.expires_at or float("inf")) <= now:
+                self._drop_locked(task_id)
+                dropped += 1
+        return dropped

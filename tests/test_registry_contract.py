@@ -32,7 +32,7 @@ def new_task(worker: str = "w1", **fields: object) -> TaskRecord:
 
 
 def test_create_and_get_round_trip(registry: Registry) -> None:
-    record = new_task(timeout=5.0, result_ttl=60.0, owner="abc")
+    record = new_task(timeout=5.0, result_ttl=60.0, owner="abc", fingerprint="f" * 64)
     created = registry.create(record)
     assert created.id == record.id
     got = registry.get(record.id)
@@ -40,6 +40,8 @@ def test_create_and_get_round_trip(registry: Registry) -> None:
     assert got.status is TaskStatus.QUEUED
     assert got.route == "^/r"
     assert got.owner == "abc"
+    assert got.fingerprint == "f" * 64
+    assert got.replay is False and got.attempts == 0 and got.worker == "w1"
     assert got.timeout == 5.0
     assert got.result_ttl == 60.0
     assert got.created_at == pytest.approx(record.created_at, abs=1e-3)

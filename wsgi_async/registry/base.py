@@ -99,7 +99,9 @@ class TaskRecord:
 
     ``worker`` is the id of the process that holds the task (queued in its
     pool or running there); ``owner`` is a hash of the submitting client's
-    identity, or ``None`` when the middleware does not bind tasks to clients.
+    identity, or ``None`` when the middleware does not bind tasks to clients;
+    ``fingerprint`` is a hash of the request (method, target, body), used to
+    tell a retry from a different request under the same idempotency key.
     """
 
     id: str
@@ -110,6 +112,7 @@ class TaskRecord:
     finished_at: float | None = None
     worker: str | None = None
     owner: str | None = None
+    fingerprint: str | None = None
     attempts: int = 0
     replay: bool = False
     timeout: float | None = None

@@ -151,7 +151,8 @@ class MemoryRegistry:
                         self._held.setdefault(worker, set()).add(task_id)
                         requeued.append(replace(record))
                     else:
-                        self._settle_locked(record, TaskStatus.FAILED, lost_worker_response(task_id))
+                        lost = lost_worker_response(task_id)
+                        self._settle_locked(record, TaskStatus.FAILED, lost)
                 self._held.pop(dead, None)
                 del self._leases[dead]
         return requeued

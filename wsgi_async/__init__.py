@@ -1,0 +1,33 @@
+"""Turn slow endpoints of any WSGI application into asynchronous request-reply endpoints."""
+
+from .config import Options, Route
+from .errors import QueueFull, RegistryError, RegistryFull, RegistryUnavailable, WsgiAsyncError
+from .middleware import AsyncMiddleware
+from .registry import (
+    MemoryRegistry,
+    Registry,
+    StoredResponse,
+    TaskRecord,
+    TaskStatus,
+    open_registry,
+)
+from .request import TaskHandle
+
+__all__ = [
+    "AsyncMiddleware",
+    "MemoryRegistry",
+    "Options",
+    "QueueFull",
+    "Registry",
+    "RegistryError",
+    "RegistryFull",
+    "RegistryUnavailable",
+    "Route",
+    "StoredResponse",
+    "TaskHandle",
+    "TaskRecord",
+    "TaskStatus",
+    "WsgiAsyncError",
+    "open_registry",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,187 @@
+"""Options and the route table, validated once when the middleware is built.
+
+Every mistake is reported at construction as a :class:`ValueError` or
+:class:`TypeError` that names the option and the offending value, never on
+the first request.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .types import WSGIEnvironment
+
+RoutePattern = str | re.Pattern[str]
+RouteOptions = Iterable[str] | Mapping[str, Any] | None
+RouteSpec = Iterable[RoutePattern] | Mapping[RoutePattern, RouteOptions]
+OwnerFunc = Callable[[WSGIEnvironment], str | None]
+
+MiB = 1024 * 1024
+ROUTE_OPTIONS = frozenset({"methods", "timeout", "result_ttl", "replay"})
+_METHOD = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One asynchronous route: a pattern matched on ``PATH_INFO`` and its options."""
+
+    pattern: re.Pattern[str]
+    methods: frozenset[str] | None = None
+    timeout: float | None = None
+    result_ttl: float | None = None
+    replay: bool = False
+
+    def matches(self, path: str, method: str) -> bool:
+        if self.methods is not None and method not in self.methods:
+            return False
+        return self.pattern.match(path) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """The middleware's validated settings; see the README's options table."""
+
+    routes: tuple[Route, ...]
+    status_path: str = "/_async/tasks"
+    max_workers: int = 8
+    max_queued: int = 1000
+    max_body_size: int = 10 * MiB
+    max_result_size: int = 100 * MiB
+    max_tasks: int = 10_000
+    result_ttl: float = 300.0
+    task_timeout: float | None = None
+    retry_after: int = 1
+    max_wait: float = 30.0
+    max_waiters: int = 64
+    lease_time: float = 15.0
+    owner: OwnerFunc | None = None
+
+    def route_for(self, path: str, method: str) -> Route | None:
+        for route in self.routes:
+            if route.matches(path, method):
+                return route
+        return None
+
+    def timeout_of(self, route: Route) -> float | None:
+        return self.task_timeout if route.timeout is None else route.timeout
+
+    def result_ttl_of(self, route: Route) -> float:
+        return self.result_ttl if route.result_ttl is None else route.result_ttl
+
+
+def _compile(pattern: object) -> re.Pattern[str]:
+    if isinstance(pattern, re.Pattern):
+        if not isinstance(pattern.pattern, str):
+            raise TypeError(f"routes: pattern {pattern.pattern!r} must be a str pattern, not bytes")
+        return pattern
+    if not isinstance(pattern, str):
+        raise TypeError(f"routes: pattern {pattern!r} must be a str or a compiled regex")
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"routes: invalid regex {pattern!r}: {exc}") from None
+
+
+def _methods(pattern: str, value: object) -> frozenset[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise TypeError(f"routes: methods of {pattern!r} must be a list of strings, got {value!r}")
+    methods = set()
+    for method in value:
+        if not isinstance(method, str) or not _METHOD.match(method):
+            raise ValueError(f"routes: invalid method {method!r} for {pattern!r}")
+        methods.add(method.upper())
+    if not methods:
+        raise ValueError(f"routes: methods of {pattern!r} is empty; omit it to match every method")
+    return frozenset(methods)
+
+
+def _route(pattern: object, spec: object) -> Route:
+    regex = _compile(pattern)
+    name = regex.pattern
+    if spec is None or (not isinstance(spec, Mapping)):
+        return Route(regex, _methods(name, spec))
+    unknown = set(spec) - ROUTE_OPTIONS
+    if unknown:
+        raise ValueError(
+            f"routes: unknown option(s) {sorted(unknown)} for {name!r}; "
+            f"expected some of {sorted(ROUTE_OPTIONS)}"
+        )
+    replay = spec.get("replay", False)
+    if not isinstance(replay, bool):
+        raise TypeError(f"routes: replay of {name!r} must be True or False, got {replay!r}")
+    return Route(
+        regex,
+        _methods(name, spec.get("methods")),
+        timeout=_positive(f"routes[{name!r}].timeout", spec.get("timeout"), optional=True),
+        result_ttl=_positive(f"routes[{name!r}].result_ttl", spec.get("result_ttl"), optional=True),
+        replay=replay,
+    )
+
+
+def parse_routes(routes: object) -> tuple[Route, ...]:
+    """Normalise the ``routes`` option into a tuple of :class:`Route`."""
+    if isinstance(routes, (str, bytes, re.Pattern)):
+        raise TypeError(f"routes must be a list or a mapping of regexes, got {routes!r}")
+    if isinstance(routes, Mapping):
+        parsed = tuple(_route(pattern, spec) for pattern, spec in routes.items())
+    elif isinstance(routes, Iterable):
+        parsed = tuple(_route(pattern, None) for pattern in routes)
+    else:
+        raise TypeError(f"routes must be a list or a mapping of regexes, got {routes!r}")
+    if not parsed:
+        raise ValueError("routes is empty: give at least one regex")
+    return parsed
+
+
+def _positive(name: str, value: object, *, optional: bool = False, integer: bool = False) -> Any:
+    if value is None and optional:
+        return None
+    kinds: tuple[type, ...] = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        kind = "an integer" if integer else "a number"
+        raise TypeError(f"{name} must be {kind}, got {value!r}")
+    number = float(value)  # type: ignore[arg-type]
+    if not number > 0 or number != number or number == float("inf"):
+        raise ValueError(f"{name} must be a finite number above 0, got {value!r}")
+    return value
+
+
+def _status_path(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"status_path must be a str, got {value!r}")
+    path = value.rstrip("/")
+    if not path.startswith("/") or not re.fullmatch(r"[A-Za-z0-9._~!$&'()*+,;=:@%/-]+", path):
+        raise ValueError(
+            f"status_path must be an absolute URL path like '/_async/tasks', got {value!r}"
+        )
+    return path
+
+
+def build_options(routes: object, **options: Any) -> Options:
+    """Validate ``routes`` and keyword options into :class:`Options`."""
+    known = set(Options.__dataclass_fields__) - {"routes"}
+    unknown = set(options) - known
+    if unknown:
+        raise TypeError(f"unknown option(s): {sorted(unknown)}")
+    checked: dict[str, Any] = {}
+    for name in ("max_workers", "max_queued", "max_body_size", "max_result_size", "max_tasks",
+                 "max_waiters", "retry_after"):
+        if name in options:
+            checked[name] = _positive(name, options[name], integer=True)
+    for name in ("result_ttl", "max_wait", "lease_time"):
+        if name in options:
+            checked[name] = _positive(name, options[name])
+    if "task_timeout" in options:
+        checked["task_timeout"] = _positive("task_timeout", options["task_timeout"], optional=True)
+    if "status_path" in options:
+        checked["status_path"] = _status_path(options["status_path"])
+    owner = options.get("owner")
+    if owner is not None and not callable(owner):
+        raise TypeError(f"owner must be a callable taking the environ, got {owner!r}")
+    checked["owner"] = owner
+    return Options(routes=parse_routes(routes), **checked)

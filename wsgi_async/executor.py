@@ -1,0 +1,161 @@
+"""The bounded worker pool that runs tasks off the server's request threads.
+
+At most ``max_workers`` threads run tasks and at most ``max_queued`` more
+wait; :meth:`WorkerPool.submit` refuses anything beyond that at once instead
+of blocking the server.  Threads start lazily in the process that submits, so
+a pool created before a fork (``gunicorn --preload``) is rebuilt in the child
+and never used across the fork.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+import weakref
+from typing import Protocol
+
+from .errors import QueueFull
+
+log = logging.getLogger("wsgi_async")
+
+
+class Job(Protocol):
+    """A unit of work: ``run`` it, or ``cancel`` it if the pool shuts down first."""
+
+    def run(self) -> None: ...
+
+    def cancel(self, reason: str) -> None: ...
+
+
+def check_uwsgi_threads() -> None:
+    """Fail loudly under uWSGI without threads: the pool's threads would never run."""
+    uwsgi = sys.modules.get("uwsgi")
+    if uwsgi is None:
+        return
+    opts = getattr(uwsgi, "opt", {})
+    if not (opts.get("enable-threads") or opts.get("threads")):
+        raise RuntimeError(
+            "wsgi_async needs threads, and uWSGI runs without them: "
+            "start uWSGI with --enable-threads (or --threads N)"
+        )
+
+
+class WorkerPool:
+    """A fixed number of daemon threads fed by a bounded queue."""
+
+    def __init__(self, max_workers: int, max_queued: int, name: str = "wsgi-async") -> None:
+        self.max_workers = max_workers
+        self.max_queued = max_queued
+        self.name = name
+        self._lock = threading.Lock()
+        self._reset()
+        ref = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: _reset_ref(ref))
+
+    def _reset(self) -> None:
+        self._pid = os.getpid()
+        self._queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._reserved = 0
+        self._threads: list[threading.Thread] = []
+        self._idle = 0
+        self._closed = False
+
+    @property
+    def capacity(self) -> int:
+        return self.max_workers + self.max_queued
+
+    @property
+    def free_slots(self) -> int:
+        """How many more jobs :meth:`reserve` would accept now."""
+        with self._lock:
+            return 0 if self._closed else self.capacity - self._reserved
+
+    def reserve(self) -> None:
+        """Hold a place for one job, or raise :class:`QueueFull` at the bound.
+
+        Callers reserve before they write anything elsewhere, so that a full
+        pool leaves nothing behind; they then :meth:`put` or :meth:`release`.
+        """
+        with self._lock:
+            if self._pid != os.getpid():
+                self._reset()
+            if self._closed:
+                raise QueueFull("the worker pool is shut down")
+            if self._reserved >= self.capacity:
+                raise QueueFull(
+                    f"all {self.max_workers} workers are busy and {self.max_queued} tasks wait"
+                )
+            self._reserved += 1
+
+    def release(self) -> None:
+        """Give back a place taken by :meth:`reserve` that will not be used."""
+        with self._lock:
+            self._reserved -= 1
+
+    def submit(self, job: Job) -> None:
+        """Reserve a place and queue ``job``; raise :class:`QueueFull` at the bound."""
+        self.reserve()
+        self.put(job)
+
+    def put(self, job: Job) -> None:
+        """Queue ``job`` into a place already reserved."""
+        with self._lock:
+            if self._idle == 0 and len(self._threads) < self.max_workers:
+                check_uwsgi_threads()
+                thread = threading.Thread(
+                    target=self._work, name=f"{self.name}-{len(self._threads)}", daemon=True
+                )
+                self._threads.append(thread)
+                thread.start()
+            else:
+                self._idle -= 1
+            self._queue.put(job)
+
+    def _work(self) -> None:
+        jobs = self._queue
+        while True:
+            job = jobs.get()
+            if job is None:
+                return
+            try:
+                job.run()
+            except Exception:
+                log.exception("wsgi_async: a task job raised")
+            finally:
+                with self._lock:
+                    self._reserved -= 1
+                    self._idle += 1
+
+    def shutdown(self, wait: bool = True, timeout: float | None = None) -> None:
+        """Stop accepting work; with ``wait``, finish queued jobs, else cancel them."""
+        with self._lock:
+            if self._pid != os.getpid():
+                self._reset()
+            self._closed = True
+            threads = list(self._threads)
+            if not wait:
+                while True:
+                    try:
+                        job = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if job is not None:
+                        job.cancel("the server shut down before the task started")
+                        self._reserved -= 1
+            for _ in threads:
+                self._queue.put(None)
+        if wait:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            for thread in threads:
+                thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+
+
+def _reset_ref(ref: weakref.ref[WorkerPool]) -> None:
+    pool = ref()
+    if pool is not None:
+        pool._lock = threading.Lock()
+        pool._reset()

@@ -1,0 +1,258 @@
+"""The WSGI entry point: match a route, submit a task, or pass straight through.
+
+``AsyncMiddleware(app, routes=[...])`` is all a user writes.  Requests whose
+path and method match a route are read completely, stored as a task and
+answered ``202 Accepted`` at once; the status path is served from the
+registry; everything else goes to the application untouched.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import logging
+import os
+import secrets
+import threading
+import weakref
+from collections.abc import Iterable
+from typing import Any
+
+from .config import Options, Route, RouteSpec, build_options
+from .errors import QueueFull, RegistryError, RegistryFull
+from .executor import WorkerPool
+from .prefer import Preferences, parse_idempotency_key, parse_prefer
+from .registry import Registry, open_registry
+from .registry.base import RequestSnapshot, TaskRecord, error_response
+from .request import BodyError, read_body, snapshot
+from .responses import replay, send_error
+from .runner import TaskRunner
+from .status import StatusEndpoint, task_url
+from .supervisor import Supervisor
+from .types import StartResponse, WSGIApplication, WSGIEnvironment
+
+log = logging.getLogger("wsgi_async")
+
+
+def new_task_id() -> str:
+    """A URL-safe id with 192 bits from :mod:`secrets`."""
+    return secrets.token_urlsafe(24)
+
+
+class _Job:
+    """A task queued in this process's pool."""
+
+    __slots__ = ("middleware", "multiprocess", "request", "task_id")
+
+    def __init__(
+        self, middleware: AsyncMiddleware, task_id: str, request: RequestSnapshot,
+        multiprocess: bool,
+    ) -> None:
+        self.middleware = middleware
+        self.task_id = task_id
+        self.request = request
+        self.multiprocess = multiprocess
+
+    def run(self) -> None:
+        self.middleware.runner.run(self.task_id, self.request, multiprocess=self.multiprocess)
+
+    def cancel(self, reason: str) -> None:
+        try:
+            response = error_response(503, reason, id=self.task_id)
+            self.middleware.registry.fail(self.task_id, response)
+        except RegistryError:
+            log.exception("wsgi_async: could not cancel task %s", self.task_id)
+
+
+class AsyncMiddleware:
+    """Run the matching routes of a WSGI application as asynchronous tasks.
+
+    ``routes`` is a list of regexes, or a mapping of regex to a list of
+    methods or to per-route options (``methods``, ``timeout``,
+    ``result_ttl``, ``replay``).  See the README for every keyword option.
+    """
+
+    def __init__(
+        self,
+        app: WSGIApplication,
+        routes: RouteSpec,
+        *,
+        registry: Registry | str = "memory://",
+        **options: Any,
+    ) -> None:
+        if not callable(app):
+            raise TypeError(f"app must be a WSGI callable, got {app!r}")
+        self.app = app
+        self.options: Options = build_options(routes, **options)
+        self.registry = self._open(registry)
+        self._status_prefix = self.options.status_path + "/"
+        self._worker: tuple[int, str] = (0, "")
+        self._lock = threading.Lock()
+        self.pool = WorkerPool(self.options.max_workers, self.options.max_queued)
+        self.supervisor = Supervisor(
+            self.registry, self.worker_id, self.options.lease_time, self._requeued
+        )
+        self.runner = TaskRunner(
+            app, self.registry, self.supervisor, self.worker_id, self.options.max_result_size
+        )
+        self.status = StatusEndpoint(self.registry, self.options)
+        ref = weakref.ref(self)
+        atexit.register(_shutdown_ref, ref)
+
+    def _open(self, registry: Registry | str) -> Registry:
+        if isinstance(registry, str):
+            return open_registry(registry, max_tasks=self.options.max_tasks)
+        if isinstance(registry, Registry):
+            return registry
+        raise TypeError(f"registry must be a Registry or a URL string, got {registry!r}")
+
+    def worker_id(self) -> str:
+        """This process's id in the registry; a forked child gets its own."""
+        pid = os.getpid()
+        if self._worker[0] != pid:
+            self._worker = (pid, f"{pid}-{secrets.token_hex(8)}")
+        return self._worker[1]
+
+    # -- WSGI ------------------------------------------------------------------
+
+    def __call__(
+        self, environ: WSGIEnvironment, start_response: StartResponse
+    ) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path.startswith(self._status_prefix) or path == self.options.status_path:
+            return self.status(environ, start_response, self._owner(environ))
+        route = self.options.route_for(path, environ.get("REQUEST_METHOD", "GET"))
+        if route is None:
+            return self.app(environ, start_response)
+        return self._submit(environ, start_response, route)
+
+    def _submit(
+        self, environ: WSGIEnvironment, start_response: StartResponse, route: Route
+    ) -> Iterable[bytes]:
+        retry = [("Retry-After", str(self.options.retry_after))]
+        try:
+            body = read_body(environ, self.options.max_body_size)
+            key = parse_idempotency_key(environ)
+        except BodyError as exc:
+            log.warning("wsgi_async: refused %s %s: %s", environ.get("REQUEST_METHOD"),
+                        environ.get("PATH_INFO"), exc.detail)
+            return send_error(environ, start_response, exc.code, exc.detail)
+        except ValueError as exc:
+            return send_error(environ, start_response, 400, str(exc))
+        owner = self._owner(environ)
+        request = snapshot(environ, body)
+        record = TaskRecord(
+            id=new_task_id(),
+            route=route.pattern.pattern,
+            worker=self.worker_id(),
+            owner=owner,
+            fingerprint=fingerprint(request),
+            replay=route.replay,
+            timeout=self.options.timeout_of(route),
+            result_ttl=self.options.result_ttl_of(route),
+        )
+        try:
+            self.pool.reserve()
+        except QueueFull as exc:
+            log.warning("wsgi_async: refused a task for %s: %s", route.pattern.pattern, exc)
+            return send_error(environ, start_response, 503,
+                              "The server is busy: every worker is taken and the queue is full.",
+                              retry)
+        try:
+            self.supervisor.ensure_started()
+            stored = self.registry.create(
+                record,
+                request if route.replay else None,
+                None if key is None else scoped_key(owner, key),
+            )
+        except RegistryFull as exc:
+            self.pool.release()
+            log.warning("wsgi_async: refused a task: %s", exc)
+            return send_error(environ, start_response, 503,
+                              "The server holds too many tasks; try again later.", retry)
+        except RegistryError as exc:
+            self.pool.release()
+            log.error("wsgi_async: refused a task, the registry is unavailable: %s", exc)
+            return send_error(environ, start_response, 503, "The task registry is unavailable.",
+                              retry)
+        except BaseException:
+            self.pool.release()
+            raise
+        prefer = parse_prefer(environ)
+        if stored.id != record.id:
+            self.pool.release()
+            if stored.fingerprint != record.fingerprint:
+                return send_error(environ, start_response, 422,
+                                  "This Idempotency-Key was already used for a different request.")
+            log.info("wsgi_async: task %s repeated by its Idempotency-Key", stored.id)
+            return self._accepted(environ, start_response, stored, prefer)
+        multiprocess = bool(environ.get("wsgi.multiprocess", False))
+        self.pool.put(_Job(self, stored.id, request, multiprocess))
+        log.info("wsgi_async: task %s accepted route=%s", stored.id, stored.route)
+        return self._accepted(environ, start_response, stored, prefer)
+
+    def _accepted(
+        self, environ: WSGIEnvironment, start_response: StartResponse, record: TaskRecord,
+        prefer: Preferences,
+    ) -> Iterable[bytes]:
+        if prefer.wait:
+            waited = self.status._wait(record, min(prefer.wait, self.options.max_wait))
+            if waited is not None and waited.status.is_final and waited.response is not None:
+                return replay(environ, start_response, waited.response)
+            record = waited or record
+        applied = [("Preference-Applied", "respond-async")] if prefer.respond_async else []
+        return self.status.pending(environ, start_response, record, applied)
+
+    # -- background work ---------------------------------------------------------
+
+    def _requeued(self, record: TaskRecord) -> None:
+        """Run a task that a lost process held, now handed to this one."""
+        request = self.registry.request(record.id)
+        if request is None:
+            self.registry.fail(record.id, error_response(
+                500, "The task's request was not stored; it cannot be replayed.", id=record.id))
+            return
+        try:
+            self.pool.submit(_Job(self, record.id, request, True))
+        except QueueFull:
+            self.registry.fail(record.id, error_response(
+                503, "No worker was free to replay the task after its worker was lost.",
+                id=record.id))
+
+    def _owner(self, environ: WSGIEnvironment) -> str | None:
+        if self.options.owner is None:
+            return None
+        identity = self.options.owner(environ)
+        if identity is None:
+            return None
+        return hashlib.sha256(identity.encode("utf-8")).hexdigest()
+
+    def shutdown(self, wait: bool = True, timeout: float | None = None) -> None:
+        """Stop the pool (finishing queued tasks when ``wait``) and the supervisor."""
+        self.pool.shutdown(wait=wait, timeout=timeout)
+        self.supervisor.stop()
+
+    def task_url(self, environ: WSGIEnvironment, task_id: str) -> str:
+        return task_url(environ, self.options.status_path, task_id)
+
+
+def fingerprint(request: RequestSnapshot) -> str:
+    """A hash of what makes a request the same request: method, target and body."""
+    env = request.environ
+    digest = hashlib.sha256()
+    for part in (env.get("REQUEST_METHOD", ""), env.get("PATH_INFO", ""),
+                 env.get("QUERY_STRING", "")):
+        digest.update(part.encode("utf-8", "surrogateescape") + b"\0")
+    digest.update(request.body)
+    return digest.hexdigest()
+
+
+def scoped_key(owner: str | None, key: str) -> str:
+    """An idempotency key is only shared by requests of the same owner."""
+    return hashlib.sha256(f"{owner or ''}\0{key}".encode()).hexdigest()
+
+
+def _shutdown_ref(ref: weakref.ref[AsyncMiddleware]) -> None:
+    middleware = ref()
+    if middleware is not None:
+        middleware.shutdown(wait=False)

@@ -1,0 +1,62 @@
+"""The responses the middleware itself sends: JSON documents and replays.
+
+Everything made here carries ``Cache-Control: no-store`` so no cache keeps
+a pending state or hands one client's result to another.  A replay sends a
+stored application response exactly as it was captured.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from .errors import error_document, json_body, status_line
+from .registry.base import StoredResponse
+from .types import StartResponse, WSGIEnvironment
+
+NO_STORE = ("Cache-Control", "no-store")
+
+
+def send_json(
+    environ: WSGIEnvironment,
+    start_response: StartResponse,
+    code: int,
+    document: dict[str, object],
+    headers: Iterable[tuple[str, str]] = (),
+) -> list[bytes]:
+    """Answer ``code`` with ``document`` as JSON (no body for ``HEAD``)."""
+    body = json_body(document)
+    start_response(
+        status_line(code),
+        [
+            ("Content-Type", "application/json"),
+            NO_STORE,
+            ("Content-Length", str(len(body))),
+            *headers,
+        ],
+    )
+    return [] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
+
+
+def send_error(
+    environ: WSGIEnvironment,
+    start_response: StartResponse,
+    code: int,
+    detail: str,
+    headers: Iterable[tuple[str, str]] = (),
+    **extra: object,
+) -> list[bytes]:
+    """Answer with a JSON error document ``{"error", "detail", ...}``."""
+    return send_json(environ, start_response, code, error_document(code, detail, **extra), headers)
+
+
+def send_empty(start_response: StartResponse, code: int) -> list[bytes]:
+    start_response(status_line(code), [NO_STORE])
+    return []
+
+
+def replay(
+    environ: WSGIEnvironment, start_response: StartResponse, stored: StoredResponse
+) -> list[bytes]:
+    """Send a stored response as the application produced it."""
+    start_response(stored.status, list(stored.headers))
+    return [] if environ.get("REQUEST_METHOD") == "HEAD" else [stored.body]

@@ -1,0 +1,112 @@
+"""Run one task: claim it, drive the application, store the outcome.
+
+Whatever the application does, the task ends in a final state: its own
+response (``done``), or a stored JSON 500/504 (``failed``) with the
+traceback in the log and never in the response.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .capture import capture
+from .errors import RegistryError, ResponseError, ResultTooLarge, TaskTimeout
+from .registry.base import Registry, RequestSnapshot, StoredResponse, TaskStatus, error_response
+from .request import TaskHandle, task_environ
+from .supervisor import Supervisor
+from .types import WSGIApplication
+
+log = logging.getLogger("wsgi_async")
+
+STORE_RETRIES = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+@dataclass(slots=True)
+class TaskRunner:
+    """Everything needed to run tasks in this process."""
+
+    app: WSGIApplication
+    registry: Registry
+    supervisor: Supervisor
+    worker_id: Callable[[], str]
+    max_result_size: int
+
+    def run(self, task_id: str, request: RequestSnapshot, *, multiprocess: bool) -> None:
+        worker = self.worker_id()
+        try:
+            record = self.registry.start(task_id, worker)
+        except RegistryError:
+            log.exception("wsgi_async: task %s could not be started", task_id)
+            return
+        if record is None:
+            log.info("wsgi_async: task %s is no longer queued here; skipped", task_id)
+            return
+        began = time.monotonic()
+        deadline = None if record.timeout is None else began + record.timeout
+        if deadline is not None:
+            self.supervisor.watch(task_id, deadline)
+        environ = task_environ(
+            request, TaskHandle(task_id, record.attempts), multiprocess=multiprocess
+        )
+        status, response = self._drive(task_id, record.route, environ, deadline)
+        if deadline is not None:
+            self.supervisor.unwatch(task_id)
+        stored = self._store(task_id, worker, status, response)
+        log.info(
+            "wsgi_async: task %s route=%s outcome=%s status=%s duration=%.3fs%s",
+            task_id,
+            record.route,
+            status.value,
+            response.status_code,
+            time.monotonic() - began,
+            "" if stored else " (discarded: the task had already ended)",
+        )
+
+    def _drive(
+        self, task_id: str, route: str, environ: dict[str, object], deadline: float | None
+    ) -> tuple[TaskStatus, StoredResponse]:
+        try:
+            response = capture(
+                self.app, environ, max_result_size=self.max_result_size, deadline=deadline
+            )
+        except TaskTimeout:
+            return TaskStatus.FAILED, error_response(
+                504, "The task ran past its timeout.", id=task_id, reason="timeout"
+            )
+        except ResultTooLarge as exc:
+            log.error("wsgi_async: task %s route=%s: %s", task_id, route, exc)
+            return TaskStatus.FAILED, error_response(
+                500, str(exc), id=task_id, reason="result_too_large"
+            )
+        except ResponseError as exc:
+            log.error("wsgi_async: task %s route=%s produced an invalid response: %s",
+                      task_id, route, exc, exc_info=True)
+            return TaskStatus.FAILED, error_response(
+                500, "The application produced an invalid response.", id=task_id,
+                reason="invalid_response",
+            )
+        except Exception:
+            log.exception("wsgi_async: task %s route=%s raised", task_id, route)
+            return TaskStatus.FAILED, error_response(
+                500, "The application raised an error while running this task.", id=task_id,
+                reason="application_error",
+            )
+        return TaskStatus.DONE, response
+
+    def _store(
+        self, task_id: str, worker: str, status: TaskStatus, response: StoredResponse
+    ) -> bool:
+        """Store the outcome, retrying while the registry is unavailable."""
+        for delay in (*STORE_RETRIES, None):
+            try:
+                return self.registry.finish(task_id, worker, status, response)
+            except RegistryError as exc:
+                if delay is None:
+                    log.error("wsgi_async: the outcome of task %s was lost: %s", task_id, exc)
+                    return False
+                log.warning("wsgi_async: storing task %s failed (%s); retrying", task_id, exc)
+                time.sleep(delay)
+        return False

@@ -1,0 +1,118 @@
+"""The status endpoint: ``GET``, ``HEAD`` and ``DELETE`` on a task's URL.
+
+A pending task answers 202 with its state; a final one answers with the
+stored response.  ``Prefer: wait=N`` holds the request until the task ends
+(woken by the registry, never by polling) or the wait runs out.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+import threading
+from collections.abc import Iterable
+from urllib.parse import quote
+
+from .config import Options
+from .errors import RegistryError
+from .prefer import parse_prefer
+from .registry.base import Registry, TaskRecord
+from .responses import replay, send_empty, send_error, send_json
+from .types import StartResponse, WSGIEnvironment
+
+log = logging.getLogger("wsgi_async")
+
+TASK_ID = re.compile(r"^[A-Za-z0-9_-]{22,64}$")
+ALLOWED = "GET, HEAD, DELETE"
+
+
+class StatusEndpoint:
+    """Serve ``<status_path>/<task id>`` from the registry."""
+
+    def __init__(self, registry: Registry, options: Options) -> None:
+        self.registry = registry
+        self.options = options
+        self._waiters = threading.BoundedSemaphore(options.max_waiters)
+
+    def __call__(
+        self, environ: WSGIEnvironment, start_response: StartResponse, owner: str | None
+    ) -> Iterable[bytes]:
+        method = environ.get("REQUEST_METHOD", "GET")
+        if method not in ("GET", "HEAD", "DELETE"):
+            return send_error(environ, start_response, 405,
+                              f"{method} is not allowed on a task", [("Allow", ALLOWED)])
+        task_id = environ.get("PATH_INFO", "")[len(self.options.status_path) + 1 :]
+        if not TASK_ID.match(task_id):
+            return self._not_found(environ, start_response)
+        try:
+            record = self.registry.get(task_id)
+            if record is None or not owns(record, owner):
+                return self._not_found(environ, start_response)
+            if method == "DELETE":
+                return self._delete(environ, start_response, record)
+            wait = parse_prefer(environ).wait
+            if wait and not record.status.is_final:
+                record = self._wait(record, min(wait, self.options.max_wait))
+                if record is None:
+                    return self._not_found(environ, start_response)
+        except RegistryError as exc:
+            log.warning("wsgi_async: status of %s unavailable: %s", task_id, exc)
+            return send_error(environ, start_response, 503, "The task registry is unavailable.",
+                              [("Retry-After", str(self.options.retry_after))])
+        if record.status.is_final and record.response is not None:
+            return replay(environ, start_response, record.response)
+        return self.pending(environ, start_response, record)
+
+    def pending(
+        self,
+        environ: WSGIEnvironment,
+        start_response: StartResponse,
+        record: TaskRecord,
+        headers: Iterable[tuple[str, str]] = (),
+    ) -> list[bytes]:
+        """The 202 document of a task that has not finished."""
+        location = task_url(environ, self.options.status_path, record.id)
+        return send_json(
+            environ,
+            start_response,
+            202,
+            {**record.summary(), "location": location},
+            [("Location", location), ("Retry-After", str(self.options.retry_after)), *headers],
+        )
+
+    def _wait(self, record: TaskRecord, timeout: float) -> TaskRecord | None:
+        # Waiting holds a server thread: past max_waiters, answer at once.
+        if not self._waiters.acquire(blocking=False):
+            return record
+        try:
+            return self.registry.wait(record.id, timeout)
+        finally:
+            self._waiters.release()
+
+    def _delete(
+        self, environ: WSGIEnvironment, start_response: StartResponse, record: TaskRecord
+    ) -> list[bytes]:
+        if not record.status.is_final:
+            return send_error(environ, start_response, 409,
+                              "The task has not finished; only a finished task can be deleted.",
+                              id=record.id, status=record.status.value)
+        self.registry.delete(record.id)
+        return send_empty(start_response, 204)
+
+    def _not_found(self, environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
+        return send_error(environ, start_response, 404,
+                          "No such task: the id is unknown, malformed or expired.")
+
+
+def owns(record: TaskRecord, owner: str | None) -> bool:
+    """Whether the caller may see ``record``; compared in constant time."""
+    if record.owner is None:
+        return True
+    return owner is not None and hmac.compare_digest(record.owner, owner)
+
+
+def task_url(environ: WSGIEnvironment, status_path: str, task_id: str) -> str:
+    """The task's absolute path, under the application's mount point."""
+    script_name = quote(environ.get("SCRIPT_NAME", "").rstrip("/"), safe="/:@!$&'()*+,;=~")
+    return f"{script_name}{status_path}/{task_id}"

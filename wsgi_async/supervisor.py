@@ -1,0 +1,137 @@
+"""One background thread per process that keeps the registry honest.
+
+It renews this process's lease (so other processes know it is alive),
+settles the tasks of processes whose lease lapsed, stores a 504 for tasks
+that run past their timeout, and drops expired results.  Each duty is
+bounded per tick, so a tick's cost does not grow with the registry.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable
+
+from .errors import RegistryError
+from .registry.base import Registry, TaskRecord, error_response
+
+log = logging.getLogger("wsgi_async")
+
+REAP_BATCH = 100
+EXPIRE_BATCH = 1000
+
+
+class Supervisor:
+    """Lease heartbeat, reaper, expiry and task timeouts for one process."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        worker_id: Callable[[], str],
+        lease_time: float,
+        on_requeued: Callable[[TaskRecord], None],
+    ) -> None:
+        self.registry = registry
+        self.worker_id = worker_id
+        self.lease_time = lease_time
+        self.interval = lease_time / 3
+        self.on_requeued = on_requeued
+        self._cond = threading.Condition()
+        self._deadlines: dict[str, float] = {}
+        self._thread: threading.Thread | None = None
+        self._pid = os.getpid()
+        self._stopped = False
+        ref = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: _reset_ref(ref))
+
+    def ensure_started(self) -> None:
+        """Start the thread in this process (once), after a first heartbeat."""
+        if self._thread is not None and self._pid == os.getpid():
+            return
+        with self._cond:
+            if self._thread is not None or self._stopped:
+                return
+            self.registry.heartbeat(self.worker_id(), self.lease_time)
+            self._thread = threading.Thread(
+                target=self._loop, name="wsgi-async-supervisor", daemon=True
+            )
+            self._thread.start()
+
+    def watch(self, task_id: str, deadline: float) -> None:
+        """Fail ``task_id`` with a 504 at ``deadline`` (``time.monotonic``) unless it ended."""
+        with self._cond:
+            self._deadlines[task_id] = deadline
+            self._cond.notify()
+
+    def unwatch(self, task_id: str) -> None:
+        with self._cond:
+            self._deadlines.pop(task_id, None)
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(5)
+        try:
+            self.registry.retire(self.worker_id())
+        except RegistryError:
+            log.warning("wsgi_async: could not retire this worker's lease", exc_info=True)
+
+    def _loop(self) -> None:
+        next_beat = 0.0
+        while True:
+            with self._cond:
+                if self._stopped:
+                    return
+                now = time.monotonic()
+                due = [t for t, at in self._deadlines.items() if at <= now]
+                for task_id in due:
+                    del self._deadlines[task_id]
+                wake = min([next_beat, *self._deadlines.values()])
+                if not due and wake > now:
+                    self._cond.wait(wake - now)
+                    continue
+            for task_id in due:
+                self._time_out(task_id)
+            if time.monotonic() >= next_beat:
+                self._tick()
+                next_beat = time.monotonic() + self.interval
+
+    def _time_out(self, task_id: str) -> None:
+        response = error_response(504, "The task ran past its timeout.", id=task_id,
+                                  reason="timeout")
+        try:
+            if self.registry.fail(task_id, response):
+                log.warning("wsgi_async: task %s timed out; its late result will be discarded",
+                            task_id)
+        except RegistryError:
+            log.exception("wsgi_async: could not store the timeout of task %s", task_id)
+            with self._cond:
+                self._deadlines[task_id] = time.monotonic() + self.interval
+
+    def _tick(self) -> None:
+        worker = self.worker_id()
+        try:
+            self.registry.heartbeat(worker, self.lease_time)
+            for record in self.registry.reap(worker, REAP_BATCH):
+                log.warning("wsgi_async: replaying task %s, whose worker was lost", record.id)
+                self.on_requeued(record)
+            self.registry.expire(EXPIRE_BATCH)
+        except RegistryError as exc:
+            log.warning("wsgi_async: registry unavailable in the supervisor: %s", exc)
+        except Exception:
+            log.exception("wsgi_async: supervisor tick failed")
+
+
+def _reset_ref(ref: weakref.ref[Supervisor]) -> None:
+    sup = ref()
+    if sup is not None:
+        sup._cond = threading.Condition()
+        sup._thread = None
+        sup._deadlines = {}
+        sup._pid = os.getpid()

@@ -102,6 +102,8 @@ def snapshot(environ: WSGIEnvironment, body: bytes) -> RequestSnapshot:
         for key, value in environ.items()
         if isinstance(key, str) and isinstance(value, str) and not key.startswith(SERVER_PREFIXES)
     }
+    for key in ("SCRIPT_NAME", "PATH_INFO", "QUERY_STRING"):
+        kept.setdefault(key, "")
     kept["wsgi.url_scheme"] = str(environ.get("wsgi.url_scheme", "http"))
     kept["CONTENT_LENGTH"] = str(len(body))
     kept.pop("HTTP_TRANSFER_ENCODING", None)

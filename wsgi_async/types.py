@@ -1,27 +1,21 @@
-"""WSGI type aliases shared by the modules (PEP 3333)."""
+"""WSGI type aliases (PEP 3333), the standard ones from typeshed when type checking."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from types import TracebackType
-from typing import Any, Protocol, Union
+from typing import TYPE_CHECKING, Any
 
-WSGIEnvironment = dict[str, Any]
-ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
-OptExcInfo = Union[ExcInfo, tuple[None, None, None]]  # noqa: UP007 (runtime alias)
 WriteCallable = Callable[[bytes], object]
 
+if TYPE_CHECKING:
+    from _typeshed import OptExcInfo as OptExcInfo
+    from _typeshed.wsgi import StartResponse as StartResponse
+    from _typeshed.wsgi import WSGIApplication as WSGIApplication
+    from _typeshed.wsgi import WSGIEnvironment as WSGIEnvironment
+else:
+    WSGIEnvironment = dict[str, Any]
+    StartResponse = Callable[..., WriteCallable]
+    WSGIApplication = Callable[[WSGIEnvironment, StartResponse], Iterable[bytes]]
+    OptExcInfo = tuple
 
-class StartResponse(Protocol):
-    def __call__(
-        self,
-        status: str,
-        headers: list[tuple[str, str]],
-        exc_info: OptExcInfo | None = ...,
-        /,
-    ) -> WriteCallable: ...
-
-
-WSGIApplication = Callable[[WSGIEnvironment, StartResponse], Iterable[bytes]]
-
-__all__ = ["ExcInfo", "OptExcInfo", "StartResponse", "WSGIApplication", "WSGIEnvironment"]
+__all__ = ["OptExcInfo", "StartResponse", "WSGIApplication", "WSGIEnvironment", "WriteCallable"]

@@ -1,0 +1,613 @@
+"""The HTTP contract of AsyncMiddleware, driven through webtest with wsgiref.validate on both sides."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import pytest
+from webtest import TestApp
+from wsgi_helpers import Closing, Environ, Gate, client, echo_app, read_body, sleeping, wait_result
+
+from wsgi_async import AsyncMiddleware
+
+
+@pytest.fixture
+def cleanup() -> Iterator[list[AsyncMiddleware]]:
+    made: list[AsyncMiddleware] = []
+    yield made
+    for middleware in made:
+        middleware.shutdown(wait=True, timeout=5)
+
+
+def make(cleanup: list[AsyncMiddleware], app: Any, **options: Any) -> tuple[AsyncMiddleware, TestApp]:
+    middleware, test_app = client(app, **options)
+    cleanup.append(middleware)
+    return middleware, test_app
+
+
+# -- submit and poll -----------------------------------------------------------------
+
+
+def test_submit_answers_202_at_once_with_a_location(cleanup: list[AsyncMiddleware]) -> None:
+    _, app = make(cleanup, sleeping(0.5))
+    began = time.monotonic()
+    res = app.post("/async/x?q=1", b"payload", status=202)
+    assert time.monotonic() - began < 0.4
+    location = res.headers["Location"]
+    assert location.startswith("/_async/tasks/")
+    assert res.headers["Retry-After"] == "1"
+    assert res.headers["Cache-Control"] == "no-store"
+    assert res.content_type == "application/json"
+    assert res.json["status"] == "queued"
+    assert res.json["location"] == location
+    assert res.json["id"] == location.rsplit("/", 1)[1]
+    assert len(res.json["id"]) >= 22  # 128 bits or more, URL-safe
+
+
+def test_pending_then_the_apps_response_byte_for_byte(cleanup: list[AsyncMiddleware]) -> None:
+    _, app = make(cleanup, sleeping(0.3))
+    payload = bytes(range(256))
+    location = app.post("/async/x?q=1", payload).headers["Location"]
+    pending = app.get(location, status=202)
+    assert pending.json["status"] in ("queued", "running")
+    assert set(pending.json) >= {"id", "status", "created_at", "started_at", "progress"}
+    assert pending.json["progress"] is None
+    assert pending.headers["Location"] == location
+    assert pending.headers["Retry-After"] == "1"
+    assert pending.headers["Cache-Control"] == "no-store"
+    done = wait_result(app, location, status=201)
+    assert done.body == b"echo:" + payload
+    assert done.headers["Content-Type"] == "application/octet-stream"
+    assert done.headers["X-Method"] == "POST"
+    assert done.headers["X-Query"] == "q=1"
+    assert done.headers["Content-Length"] == str(len(done.body))
+    again = app.get(location, status=201)  # results stay until their TTL
+    assert again.body == done.body
+    head = app.head(location, status=201)
+    assert head.body == b""
+    assert head.headers["Content-Length"] == str(len(done.body))
+
+
+def test_location_is_under_script_name(cleanup: list[AsyncMiddleware]) -> None:
+    _, app = make(cleanup, echo_app)
+    res = app.post("/async", b"", extra_environ={"SCRIPT_NAME": "/mount"}, status=202)
+    assert res.headers["Location"].startswith("/mount/_async/tasks/")
+    task_path = res.headers["Location"][len("/mount"):]
+    wait_result(app, task_path, status=201, extra_environ={"SCRIPT_NAME": "/mount"})
+
+
+def test_custom_status_path(cleanup: list[AsyncMiddleware]) -> None:
+    _, app = make(cleanup, echo_app, status_path="/jobs/")
+    location = app.post("/async", b"x").headers["Location"]
+    assert location.startswith("/jobs/")
+    assert wait_result(app, location, status=201).body == b"echo:x"
+
+
+def test_task_environ_carries_the_task_handle(cleanup: list[AsyncMiddleware]) -> None:
+    seen: dict[str, Any] = {}
+
+    def app(environ: Environ, start_response: Any) -> Iterable[bytes]:
+        seen.update(environ)
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+    _, test_app = make(cleanup, app)
+    res = test_app.post("/async", b"abc", headers={"X-Custom": "yes"},
+                        extra_environ={"gunicorn.socket": object(), "waitress.client": object(),
+                                       "uwsgi.core": 1, "myapp.note": "kept"})
+    wait_result(test_app, res.headers["Location"], status=200)
+    assert seen["wsgi_async.task"].id == res.json["id"]
+    assert seen["wsgi_async.task"].attempt == 1
+    assert seen["HTTP_X_CUSTOM"] == "yes"
+    assert seen["myapp.note"] == "kept"
+    assert seen["CONTENT_LENGTH"] == "3"
+    assert not [k for k in seen if k.startswith(("gunicorn.", "waitress.", "uwsgi."))]
+    assert seen["wsgi.input_terminated"] is True
+    seen["wsgi.errors"].write("still open\n")
+
+
+def test_file_wrapper_is_buffered(cleanup: list[AsyncMiddleware], tmp_path: Any) -> None:
+    data = b"file contents " * 1000
+    path = tmp_path / "report.bin"
+    path.write_bytes(data)
+
+    def app(environ: Environ, start_response: Any) -> Iterable[bytes]:
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        return environ["wsgi.file_wrapper"](open(path, "rb"), 4096)  # noqa: SIM115
+
+    _, test_app = make(cleanup, app)
+    location = test_app.post("/async").headers["Location"]
+    assert wait_result(test_app, location, status=200).body == data
+
+
+# -- pass-through ------------------------------------------------------------------------
+
+
+def test_unmatched_requests_pass_through_untouched(cleanup: list[AsyncMiddleware]) -> None:
+    returned = Closing([b"a", b"b"])
+
+    def app(environ: Environ, start_response: Any) -> Iterable[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return returned
+
+    middleware = AsyncMiddleware(app, routes={r"^/async": ["POST"]})
+    cleanup.append(middleware)
+    environ = {"PATH_INFO": "/other", "REQUEST_METHOD": "GET"}
+    assert middleware(environ, lambda *a: None) is returned  # type: ignore[arg-type]
+    environ = {"PATH_INFO": "/async", "REQUEST_METHOD": "GET"}  # method not routed
+    assert middleware(environ, lambda *a: None) is returned  # type: ignore[arg-type]
+
+
+def test_pass_through_streams_under_the_validator(cleanup: list[AsyncMiddleware]) -> None:
+    def app(environ: Environ, start_response: Any) -> Iterable[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return iter([b"one ", b"two"])
+
+    _, test_app = make(cleanup, app)
+    assert test_app.get("/plain").body == b"one two"
+
+
+def test_route_methods_and_options(cleanup: list[AsyncMiddleware]) -> None:
+    routes = {r"^/export/\w+$": {"methods": ["POST"], "timeout": 5, "result_ttl": 60}}
+    _, app = make(cleanup, echo_app, routes=routes)
+    assert app.post("/export/abc", b"", status=202)
+    assert app.get("/export/abc", status=201).body == b"echo:"  # GET passes through
+    assert app.post("/export/abc/more", b"", status=201)  # no match: passes through
+
+
+# -- Prefer -----------------------------------------------------------------------------
+
+
+def test_prefer_wait_is_woken_by_the_completion(cleanup: list[AsyncMiddleware]) -> None:
+    _, app = make(cleanup, sleeping(0.3))
+    location = app.post("/async", b"").headers["Location"]
+    began = time.monotonic()
+    res = app.get(location, headers={"Prefer": "wait=10"}, status=201)
+    elapsed = time.monotonic() - began
+    assert res.body == b"echo:"
+    assert elapsed < 1.5, elapsed
+
+
+def test_prefer_wait_times_out_and_is_capped_by_max_wait(cleanup: list[AsyncMiddleware]) -> None:
+    gate = Gate()
+    _, app = make(cleanup, gate, max_wait=0.5)
+    try:
+        location = app.post("/async", b"").headers["Location"]
+        began = time.monotonic()
+        res = app.get(location, headers={"Prefer": "wait=20"}, status=202)
+        elapsed = time.monotonic() - began
+        assert 0.4 <= elapsed < 3, elapsed
+        assert res.json["status"] == "running"
+    finally:
+        gate.opened.set()
+
+
+def test_prefer_on_submit(cleanup: list[AsyncMiddleware]) -> None:
+    _, app = make(cleanup, sleeping(0.1))
+    res = app.post("/async", b"now", headers={"Prefer": "respond-async, wait=10"}, status=201)
+    assert res.body == b"echo:now"
+    res = app.post("/async", b"", headers={"Prefer": "respond-async"}, status=202)
+    assert res.headers["Preference-Applied"] == "respond-async"
+
+
+# -- status endpoint errors ----------------------------------------------------------------
+
+
+def test_status_errors(cleanup: list[AsyncMiddleware]) -> None:
+    _, app = make(cleanup, echo_app)
+    for path in ("/_async/tasks/" + "A" * 32, "/_async/tasks/bad!id", "/_async/tasks",
+                 "/_async/tasks/"):
+        res = app.get(path, status=404)
+        assert res.json["error"] == "Not Found"
+        assert res.headers["Cache-Control"] == "no-store"
+    res = app.post("/_async/tasks/" + "A" * 32, status=405)
+    assert res.headers["Allow"] == "GET, HEAD, DELETE"
+    assert "POST" in res.json["detail"]
+
+
+def test_delete(cleanup: list[AsyncMiddleware]) -> None:
+    gate = Gate()
+    _, app = make(cleanup, gate)
+    location = app.post("/async", b"").headers["Location"]
+    assert app.delete(location, status=409).json["status"] in ("queued", "running")
+    gate.opened.set()
+    wait_result(app, location, status=200)
+    app.delete(location, status=204)
+    app.get(location, status=404)
+
+
+# -- request bodies ------------------------------------------------------------------------
+
+
+class CountingInput(io.RawIOBase):
+    """A request stream that counts what is read from it."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = io.BytesIO(data)
+        self.consumed = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:  # type: ignore[override]
+        chunk = self.data.read(size)
+        self.consumed += len(chunk)
+        return chunk
+
+
+def raw_call(middleware: AsyncMiddleware, environ: Environ) -> tuple[str, bytes]:
+    status: list[str] = []
+    base = {"REQUEST_METHOD": "POST", "PATH_INFO": "/async", "SERVER_NAME": "x",
+            "SERVER_PORT": "80", "wsgi.url_scheme": "http", "wsgi.errors": io.StringIO()}
+    base.update(environ)
+    result = middleware(base, lambda s, h, e=None: status.append(s))  # type: ignore[arg-type,misc]
+    return status[0], b"".join(result)
+
+
+@pytest.mark.parametrize("size", [0, 1, 1024])
+def test_bodies_up_to_the_limit_are_accepted(cleanup: list[AsyncMiddleware], size: int) -> None:
+    _, app = make(cleanup, echo_app, max_body_size=1024)
+    body = b"x" * size
+    location = app.post("/async", body, status=202).headers["Location"]
+    assert wait_result(app, location, status=201).body == b"echo:" + body
+
+
+def test_one_byte_over_is_413_and_the_app_is_never_called(cleanup: list[AsyncMiddleware]) -> None:
+    gate = Gate()
+    middleware, app = make(cleanup, gate, max_body_size=1024)
+    res = app.post("/async", b"x" * 1025, status=413)
+    assert "max_body_size" in res.json["detail"]
+    assert res.headers["Cache-Control"] == "no-store"
+    stream = CountingInput(b"x" * 5000)
+    status, _ = raw_call(middleware, {"CONTENT_LENGTH": "5000", "wsgi.input": stream})
+    assert status.startswith("413") and stream.consumed == 0
+    stream = CountingInput(b"x" * 5000)
+    status, _ = raw_call(middleware, {"wsgi.input": stream, "wsgi.input_terminated": True,
+                                      "HTTP_TRANSFER_ENCODING": "chunked"})
+    assert status.startswith("413") and stream.consumed <= 1025
+    assert gate.calls == 0
+
+
+def test_chunked_bodies(cleanup: list[AsyncMiddleware]) -> None:
+    middleware, app = make(cleanup, echo_app, max_body_size=1024)
+    status, body = raw_call(middleware, {"wsgi.input": io.BytesIO(b"chunked!"),
+                                         "wsgi.input_terminated": True,
+                                         "HTTP_TRANSFER_ENCODING": "chunked"})
+    assert status.startswith("202")
+    location = json.loads(body)["location"]
+    assert wait_result(app, location, status=201).body == b"echo:chunked!"
+    status, body = raw_call(middleware, {"wsgi.input": io.BytesIO(b"?"),
+                                         "HTTP_TRANSFER_ENCODING": "chunked"})
+    assert status.startswith("411"), status
+    assert b"Content-Length" in body
+
+
+@pytest.mark.parametrize("length", ["abc", "-1", "1e3"])
+def test_invalid_content_length_is_400(cleanup: list[AsyncMiddleware], length: str) -> None:
+    middleware, _ = make(cleanup, echo_app)
+    status, body = raw_call(middleware, {"CONTENT_LENGTH": length, "wsgi.input": io.BytesIO()})
+    assert status.startswith("400")
+    assert json.loads(body)["error"] == "Bad Request"
+
+
+def test_truncated_body_is_400(cleanup: list[AsyncMiddleware]) -> None:
+    middleware, _ = make(cleanup, echo_app)
+    status, _ = raw_call(middleware, {"CONTENT_LENGTH": "10", "wsgi.input": io.BytesIO(b"abc")})
+    assert status.startswith("400")
+
+
+# -- bounds --------------------------------------------------------------------------------
+
+
+def test_full_pool_and_queue_answer_503_and_enqueue_nothing(cleanup: list[AsyncMiddleware]) -> None:
+    gate = Gate()
+    middleware, app = make(cleanup, gate, max_workers=1, max_queued=1)
+    try:
+        app.post("/async", b"", status=202)
+        app.post("/async", b"", status=202)
+        res = app.post("/async", b"", status=503)
+        assert res.headers["Retry-After"] == "1"
+        assert res.headers["Cache-Control"] == "no-store"
+        assert "busy" in res.json["detail"]
+        assert len(middleware.registry) == 2  # type: ignore[arg-type]
+    finally:
+        gate.opened.set()
+
+
+def test_registry_full_answers_503(cleanup: list[AsyncMiddleware]) -> None:
+    gate = Gate()
+    middleware, app = make(cleanup, gate, max_tasks=2)
+    try:
+        app.post("/async", b"", status=202)
+        app.post("/async", b"", status=202)
+        res = app.post("/async", b"", status=503)
+        assert res.headers["Retry-After"] == "1"
+        assert "too many tasks" in res.json["detail"]
+        assert middleware.pool.free_slots == middleware.pool.capacity - 2
+    finally:
+        gate.opened.set()
+
+
+def test_concurrent_submits_lose_nothing_and_respect_the_bound(
+    cleanup: list[AsyncMiddleware],
+) -> None:
+    gate = Gate()
+    middleware, app = make(cleanup, gate, max_workers=4, max_queued=500)
+    locations: list[str] = []
+    lock = threading.Lock()
+
+    def submit() -> None:
+        for _ in range(25):
+            res = app.post("/async", b"", status=202)
+            with lock:
+                locations.append(res.headers["Location"])
+
+    threads = [threading.Thread(target=submit) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.3)
+    gate.opened.set()
+    for thread in threads:
+        thread.join()
+    assert len(set(locations)) == 200
+    for location in locations:
+        assert wait_result(app, location, status=200).body == b"gate passed"
+    assert gate.calls == 200
+    assert gate.peak <= 4
+    assert middleware.pool.free_slots == middleware.pool.capacity
+
+
+# -- application failures ------------------------------------------------------------------
+
+
+def failing(kind: str) -> Any:
+    def app(environ: Environ, start_response: Any) -> Any:
+        if kind == "raises":
+            raise ValueError("secret internal detail")
+        if kind == "no_start_response":
+            return [b""]
+        if kind == "non_bytes":
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return ["text, not bytes"]
+        if kind == "twice":
+            start_response("200 OK", [])
+            start_response("200 OK", [])
+            return [b"x"]
+        if kind == "crlf_header":
+            start_response("200 OK", [("X-Evil", "a\r\nSet-Cookie: x=1")])
+            return [b"x"]
+        if kind == "non_latin1_header":
+            start_response("200 OK", [("X-Name", "\u2603")])
+            return [b"x"]
+        if kind == "bad_status":
+            start_response("OK", [])
+            return [b"x"]
+        raise AssertionError(kind)
+
+    return app
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["raises", "no_start_response", "non_bytes", "twice", "crlf_header", "non_latin1_header",
+     "bad_status"],
+)
+def test_application_failures_store_a_500(
+    cleanup: list[AsyncMiddleware], caplog: pytest.LogCaptureFixture, kind: str
+) -> None:
+    _, app = make(cleanup, failing(kind), validate_inner=False)
+    with caplog.at_level(logging.INFO, logger="wsgi_async"):
+        location = app.post("/async", b"").headers["Location"]
+        res = wait_result(app, location, status=500)
+    assert res.content_type == "application/json"
+    assert res.json["id"] == location.rsplit("/", 1)[1]
+    assert b"Traceback" not in res.body and b"secret" not in res.body
+    assert res.headers["Cache-Control"] == "no-store"
+    failures = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert failures and failures[0].exc_info is not None
+    # the pool keeps working
+    _, ok = make(cleanup, echo_app)
+    assert wait_result(ok, ok.post("/async", b"1").headers["Location"], status=201)
+
+
+def test_iterable_failing_midway_is_closed(cleanup: list[AsyncMiddleware]) -> None:
+    iterable = Closing([b"a", b"b", b"c"], fail_after=2)
+
+    def app(environ: Environ, start_response: Any) -> Iterable[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return iterable
+
+    _, test_app = make(cleanup, app, validate_inner=False)
+    wait_result(test_app, test_app.post("/async").headers["Location"], status=500)
+    assert iterable.closed
+
+
+def test_close_is_called_on_success(cleanup: list[AsyncMiddleware]) -> None:
+    iterable = Closing([b"a", b"b"])
+
+    def app(environ: Environ, start_response: Any) -> Iterable[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return iterable
+
+    _, test_app = make(cleanup, app, validate_inner=False)
+    assert wait_result(test_app, test_app.post("/async").headers["Location"]).body == b"ab"
+    assert iterable.closed
+
+
+def test_write_callable_and_generator(cleanup: list[AsyncMiddleware]) -> None:
+    def app(environ: Environ, start_response: Any) -> Iterator[bytes]:
+        write = start_response("200 OK", [("Content-Type", "text/plain")])
+        write(b"written ")
+        yield b"then "
+        yield b""
+        yield b"yielded"
+
+    _, test_app = make(cleanup, app)
+    res = wait_result(test_app, test_app.post("/async").headers["Location"], status=200)
+    assert res.body == b"written then yielded"
+
+
+def test_exc_info_before_the_body_replaces_the_response(cleanup: list[AsyncMiddleware]) -> None:
+    def app(environ: Environ, start_response: Any) -> Iterable[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        try:
+            raise KeyError("missing")
+        except KeyError:
+            import sys
+
+            start_response("500 Internal Server Error", [("Content-Type", "text/plain")],
+                           sys.exc_info())
+        return [b"app's own error page"]
+
+    _, test_app = make(cleanup, app)
+    res = wait_result(test_app, test_app.post("/async").headers["Location"], status=500)
+    assert res.body == b"app's own error page"
+
+
+def test_exc_info_after_the_body_fails_the_task(cleanup: list[AsyncMiddleware]) -> None:
+    def app(environ: Environ, start_response: Any) -> Iterable[bytes]:
+        write = start_response("200 OK", [("Content-Type", "text/plain")])
+        write(b"partial")
+        try:
+            raise KeyError("late")
+        except KeyError:
+            import sys
+
+            start_response("500 Internal Server Error", [], sys.exc_info())
+        return [b"never"]
+
+    _, test_app = make(cleanup, app, validate_inner=False)
+    res = wait_result(test_app, test_app.post("/async").headers["Location"], status=500)
+    assert res.json["reason"] == "application_error"
+    assert b"partial" not in res.body
+
+
+def test_hop_by_hop_headers_are_dropped_and_length_is_set(cleanup: list[AsyncMiddleware]) -> None:
+    def app(environ: Environ, start_response: Any) -> Iterable[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Connection", "close"),
+                                  ("Keep-Alive", "timeout=5"), ("Content-Length", "999"),
+                                  ("X-Kept", "yes")])
+        return [b"12345"]
+
+    _, test_app = make(cleanup, app, validate_inner=False)
+    res = wait_result(test_app, test_app.post("/async").headers["Location"], status=200)
+    names = [name.lower() for name, _ in res.headerlist]
+    assert "connection" not in names and "keep-alive" not in names
+    assert res.headers["Content-Length"] == "5"
+    assert res.headers["X-Kept"] == "yes"
+
+
+def test_task_timeout_stores_504_and_discards_the_late_result(
+    cleanup: list[AsyncMiddleware],
+) -> None:
+    _, app = make(cleanup, sleeping(1.0), task_timeout=0.3)
+    location = app.post("/async", b"").headers["Location"]
+    began = time.monotonic()
+    res = wait_result(app, location, status=504)
+    assert time.monotonic() - began < 0.9  # stored by the watchdog, not by the late thread
+    assert res.json["reason"] == "timeout"
+    time.sleep(1.0)
+    assert app.get(location, status=504).json["reason"] == "timeout"
+
+
+def test_timeout_stops_a_slow_generator_between_chunks(cleanup: list[AsyncMiddleware]) -> None:
+    produced: list[int] = []
+
+    def app(environ: Environ, start_response: Any) -> Iterator[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        for index in range(50):
+            produced.append(index)
+            time.sleep(0.05)
+            yield b"x"
+
+    _, test_app = make(cleanup, app, routes={"^/async": {"timeout": 0.3}})
+    wait_result(test_app, test_app.post("/async").headers["Location"], status=504)
+    time.sleep(0.3)
+    assert len(produced) < 20
+
+
+def test_result_over_max_result_size_is_a_stored_500(cleanup: list[AsyncMiddleware]) -> None:
+    def app(environ: Environ, start_response: Any) -> Iterator[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        for _ in range(10):
+            yield b"y" * 1000
+
+    _, test_app = make(cleanup, app, max_result_size=4096)
+    res = wait_result(test_app, test_app.post("/async").headers["Location"], status=500)
+    assert res.json["reason"] == "result_too_large"
+    assert "max_result_size" in res.json["detail"]
+
+
+def test_logs_name_the_task_and_never_the_body(
+    cleanup: list[AsyncMiddleware], caplog: pytest.LogCaptureFixture
+) -> None:
+    _, app = make(cleanup, echo_app)
+    with caplog.at_level(logging.INFO, logger="wsgi_async"):
+        res = app.post("/async", b"top-secret-body")
+        wait_result(app, res.headers["Location"], status=201)
+        time.sleep(0.1)
+    text = caplog.text
+    assert res.json["id"] in text
+    assert "outcome=done" in text and "duration=" in text and "route=^/async" in text
+    assert "top-secret-body" not in text
+
+
+# -- owners and idempotency ----------------------------------------------------------------
+
+
+def test_tasks_are_bound_to_their_owner(cleanup: list[AsyncMiddleware]) -> None:
+    _, app = make(cleanup, echo_app, owner=lambda environ: environ.get("HTTP_X_USER"))
+    location = app.post("/async", b"mine", headers={"X-User": "alice"}).headers["Location"]
+    app.get(location, headers={"X-User": "alice", "Prefer": "wait=5"}, status=201)
+    app.get(location, headers={"X-User": "mallory"}, status=404)
+    app.get(location, status=404)
+    assert app.get(location, headers={"X-User": "alice"}, status=201).body == b"echo:mine"
+
+
+def test_idempotency_key(cleanup: list[AsyncMiddleware]) -> None:
+    calls: list[bytes] = []
+
+    def app(environ: Environ, start_response: Any) -> Iterable[bytes]:
+        calls.append(read_body(environ))
+        return echo_app(environ, start_response)
+
+    _, test_app = make(cleanup, app)
+    first = test_app.post("/async", b"pay 10", headers={"Idempotency-Key": '"abc-123"'})
+    second = test_app.post("/async", b"pay 10", headers={"Idempotency-Key": '"abc-123"'})
+    assert first.headers["Location"] == second.headers["Location"]
+    wait_result(test_app, first.headers["Location"], status=201)
+    conflict = test_app.post("/async", b"pay 99", headers={"Idempotency-Key": "abc-123"},
+                             status=422)
+    assert "Idempotency-Key" in conflict.json["detail"]
+    test_app.post("/async", b"", headers={"Idempotency-Key": "bad key"}, status=400)
+    assert calls == [b"pay 10"]
+
+
+# -- lifecycle ---------------------------------------------------------------------------
+
+
+def test_shutdown_without_wait_fails_queued_tasks(cleanup: list[AsyncMiddleware]) -> None:
+    gate = Gate()
+    middleware, app = make(cleanup, gate, max_workers=1)
+    app.post("/async", b"")
+    queued = app.post("/async", b"").headers["Location"]
+    time.sleep(0.1)
+    middleware.shutdown(wait=False)
+    gate.opened.set()
+    res = wait_result(app, queued, status=503)
+    assert "shut down" in res.json["detail"]
+    assert app.post("/async", b"", status=503)
+
+
+def test_shutdown_with_wait_finishes_queued_tasks(cleanup: list[AsyncMiddleware]) -> None:
+    middleware, app = make(cleanup, sleeping(0.05), max_workers=1)
+    locations = [app.post("/async", b"").headers["Location"] for _ in range(5)]
+    middleware.shutdown(wait=True, timeout=10)
+    for location in locations:
+        app.get(location, status=201)

@@ -1,0 +1,7 @@
+"""``python -m wsgi_async`` runs the ``wsgi-async`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,4 +1,4 @@
-"""The HTTP contract of AsyncMiddleware, driven through webtest with wsgiref.validate on both sides."""
+"""The HTTP contract of AsyncMiddleware, via webtest, with wsgiref.validate on both sides."""
 
 from __future__ import annotations
 
@@ -25,7 +25,9 @@ def cleanup() -> Iterator[list[AsyncMiddleware]]:
         middleware.shutdown(wait=True, timeout=5)
 
 
-def make(cleanup: list[AsyncMiddleware], app: Any, **options: Any) -> tuple[AsyncMiddleware, TestApp]:
+def make(
+    cleanup: list[AsyncMiddleware], app: Any, **options: Any
+) -> tuple[AsyncMiddleware, TestApp]:
     middleware, test_app = client(app, **options)
     cleanup.append(middleware)
     return middleware, test_app
@@ -78,7 +80,7 @@ def test_location_is_under_script_name(cleanup: list[AsyncMiddleware]) -> None:
     _, app = make(cleanup, echo_app)
     res = app.post("/async", b"", extra_environ={"SCRIPT_NAME": "/mount"}, status=202)
     assert res.headers["Location"].startswith("/mount/_async/tasks/")
-    task_path = res.headers["Location"][len("/mount"):]
+    task_path = res.headers["Location"][len("/mount") :]
     wait_result(app, task_path, status=201, extra_environ={"SCRIPT_NAME": "/mount"})
 
 
@@ -98,9 +100,17 @@ def test_task_environ_carries_the_task_handle(cleanup: list[AsyncMiddleware]) ->
         return [b"ok"]
 
     _, test_app = make(cleanup, app)
-    res = test_app.post("/async", b"abc", headers={"X-Custom": "yes"},
-                        extra_environ={"gunicorn.socket": object(), "waitress.client": object(),
-                                       "uwsgi.core": 1, "myapp.note": "kept"})
+    res = test_app.post(
+        "/async",
+        b"abc",
+        headers={"X-Custom": "yes"},
+        extra_environ={
+            "gunicorn.socket": object(),
+            "waitress.client": object(),
+            "uwsgi.core": 1,
+            "myapp.note": "kept",
+        },
+    )
     wait_result(test_app, res.headers["Location"], status=200)
     assert seen["wsgi_async.task"].id == res.json["id"]
     assert seen["wsgi_async.task"].attempt == 1
@@ -201,8 +211,12 @@ def test_prefer_on_submit(cleanup: list[AsyncMiddleware]) -> None:
 
 def test_status_errors(cleanup: list[AsyncMiddleware]) -> None:
     _, app = make(cleanup, echo_app)
-    for path in ("/_async/tasks/" + "A" * 32, "/_async/tasks/bad!id", "/_async/tasks",
-                 "/_async/tasks/"):
+    for path in (
+        "/_async/tasks/" + "A" * 32,
+        "/_async/tasks/bad!id",
+        "/_async/tasks",
+        "/_async/tasks/",
+    ):
         res = app.get(path, status=404)
         assert res.json["error"] == "Not Found"
         assert res.headers["Cache-Control"] == "no-store"
@@ -243,8 +257,14 @@ class CountingInput(io.RawIOBase):
 
 def raw_call(middleware: AsyncMiddleware, environ: Environ) -> tuple[str, bytes]:
     status: list[str] = []
-    base = {"REQUEST_METHOD": "POST", "PATH_INFO": "/async", "SERVER_NAME": "x",
-            "SERVER_PORT": "80", "wsgi.url_scheme": "http", "wsgi.errors": io.StringIO()}
+    base = {
+        "REQUEST_METHOD": "POST",
+        "PATH_INFO": "/async",
+        "SERVER_NAME": "x",
+        "SERVER_PORT": "80",
+        "wsgi.url_scheme": "http",
+        "wsgi.errors": io.StringIO(),
+    }
     base.update(environ)
     result = middleware(base, lambda s, h, e=None: status.append(s))  # type: ignore[arg-type,misc]
     return status[0], b"".join(result)
@@ -268,22 +288,30 @@ def test_one_byte_over_is_413_and_the_app_is_never_called(cleanup: list[AsyncMid
     status, _ = raw_call(middleware, {"CONTENT_LENGTH": "5000", "wsgi.input": stream})
     assert status.startswith("413") and stream.consumed == 0
     stream = CountingInput(b"x" * 5000)
-    status, _ = raw_call(middleware, {"wsgi.input": stream, "wsgi.input_terminated": True,
-                                      "HTTP_TRANSFER_ENCODING": "chunked"})
+    status, _ = raw_call(
+        middleware,
+        {"wsgi.input": stream, "wsgi.input_terminated": True, "HTTP_TRANSFER_ENCODING": "chunked"},
+    )
     assert status.startswith("413") and stream.consumed <= 1025
     assert gate.calls == 0
 
 
 def test_chunked_bodies(cleanup: list[AsyncMiddleware]) -> None:
     middleware, app = make(cleanup, echo_app, max_body_size=1024)
-    status, body = raw_call(middleware, {"wsgi.input": io.BytesIO(b"chunked!"),
-                                         "wsgi.input_terminated": True,
-                                         "HTTP_TRANSFER_ENCODING": "chunked"})
+    status, body = raw_call(
+        middleware,
+        {
+            "wsgi.input": io.BytesIO(b"chunked!"),
+            "wsgi.input_terminated": True,
+            "HTTP_TRANSFER_ENCODING": "chunked",
+        },
+    )
     assert status.startswith("202")
     location = json.loads(body)["location"]
     assert wait_result(app, location, status=201).body == b"echo:chunked!"
-    status, body = raw_call(middleware, {"wsgi.input": io.BytesIO(b"?"),
-                                         "HTTP_TRANSFER_ENCODING": "chunked"})
+    status, body = raw_call(
+        middleware, {"wsgi.input": io.BytesIO(b"?"), "HTTP_TRANSFER_ENCODING": "chunked"}
+    )
     assert status.startswith("411"), status
     assert b"Content-Length" in body
 
@@ -395,8 +423,15 @@ def failing(kind: str) -> Any:
 
 @pytest.mark.parametrize(
     "kind",
-    ["raises", "no_start_response", "non_bytes", "twice", "crlf_header", "non_latin1_header",
-     "bad_status"],
+    [
+        "raises",
+        "no_start_response",
+        "non_bytes",
+        "twice",
+        "crlf_header",
+        "non_latin1_header",
+        "bad_status",
+    ],
 )
 def test_application_failures_store_a_500(
     cleanup: list[AsyncMiddleware], caplog: pytest.LogCaptureFixture, kind: str
@@ -461,8 +496,9 @@ def test_exc_info_before_the_body_replaces_the_response(cleanup: list[AsyncMiddl
         except KeyError:
             import sys
 
-            start_response("500 Internal Server Error", [("Content-Type", "text/plain")],
-                           sys.exc_info())
+            start_response(
+                "500 Internal Server Error", [("Content-Type", "text/plain")], sys.exc_info()
+            )
         return [b"app's own error page"]
 
     _, test_app = make(cleanup, app)
@@ -490,9 +526,16 @@ def test_exc_info_after_the_body_fails_the_task(cleanup: list[AsyncMiddleware]) 
 
 def test_hop_by_hop_headers_are_dropped_and_length_is_set(cleanup: list[AsyncMiddleware]) -> None:
     def app(environ: Environ, start_response: Any) -> Iterable[bytes]:
-        start_response("200 OK", [("Content-Type", "text/plain"), ("Connection", "close"),
-                                  ("Keep-Alive", "timeout=5"), ("Content-Length", "999"),
-                                  ("X-Kept", "yes")])
+        start_response(
+            "200 OK",
+            [
+                ("Content-Type", "text/plain"),
+                ("Connection", "close"),
+                ("Keep-Alive", "timeout=5"),
+                ("Content-Length", "999"),
+                ("X-Kept", "yes"),
+            ],
+        )
         return [b"12345"]
 
     _, test_app = make(cleanup, app, validate_inner=False)
@@ -582,8 +625,9 @@ def test_idempotency_key(cleanup: list[AsyncMiddleware]) -> None:
     second = test_app.post("/async", b"pay 10", headers={"Idempotency-Key": '"abc-123"'})
     assert first.headers["Location"] == second.headers["Location"]
     wait_result(test_app, first.headers["Location"], status=201)
-    conflict = test_app.post("/async", b"pay 99", headers={"Idempotency-Key": "abc-123"},
-                             status=422)
+    conflict = test_app.post(
+        "/async", b"pay 99", headers={"Idempotency-Key": "abc-123"}, status=422
+    )
     assert "Idempotency-Key" in conflict.json["detail"]
     test_app.post("/async", b"", headers={"Idempotency-Key": "bad key"}, status=400)
     assert calls == [b"pay 10"]

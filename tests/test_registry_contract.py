@@ -263,7 +263,9 @@ def test_every_task_is_finished_exactly_once_under_contention(registry: Registry
                 with lock:
                     wins.append(task.id)
 
-    threads = [threading.Thread(target=race, args=(s,)) for s in (TaskStatus.DONE, TaskStatus.FAILED) * 2]
+    threads = [
+        threading.Thread(target=race, args=(s,)) for s in (TaskStatus.DONE, TaskStatus.FAILED) * 2
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:

@@ -25,13 +25,18 @@ def echo_app(environ: Environ, start_response: Callable[..., Any]) -> Iterable[b
     body = read_body(environ)
     start_response(
         "201 Created",
-        [("Content-Type", "application/octet-stream"), ("X-Method", environ["REQUEST_METHOD"]),
-         ("X-Query", environ.get("QUERY_STRING", ""))],
+        [
+            ("Content-Type", "application/octet-stream"),
+            ("X-Method", environ["REQUEST_METHOD"]),
+            ("X-Query", environ.get("QUERY_STRING", "")),
+        ],
     )
     return [b"echo:", body]
 
 
-def sleeping(seconds: float, inner: Callable[..., Iterable[bytes]] = echo_app) -> Callable[..., Any]:
+def sleeping(
+    seconds: float, inner: Callable[..., Iterable[bytes]] = echo_app
+) -> Callable[..., Any]:
     def app(environ: Environ, start_response: Callable[..., Any]) -> Iterable[bytes]:
         time.sleep(seconds)
         return inner(environ, start_response)
@@ -81,8 +86,9 @@ class Closing:
         self.closed = True
 
 
-def client(app: Callable[..., Any], *, validate_inner: bool = True, **options: Any
-           ) -> tuple[AsyncMiddleware, TestApp]:
+def client(
+    app: Callable[..., Any], *, validate_inner: bool = True, **options: Any
+) -> tuple[AsyncMiddleware, TestApp]:
     """The middleware around ``app``, and a webtest client; validator on both sides."""
     options.setdefault("routes", [r"^/async"])
     inner = validator(app) if validate_inner else app

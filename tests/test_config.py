@@ -1,0 +1,107 @@
+"""Options and routes are validated once, with errors that name the option and the value."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+
+from wsgi_async import AsyncMiddleware
+from wsgi_async.config import build_options
+
+
+def app(environ: Any, start_response: Any) -> list[bytes]:
+    return []
+
+
+def test_route_forms() -> None:
+    options = build_options([r"^/a", re.compile(r"^/b")])
+    assert [r.pattern.pattern for r in options.routes] == ["^/a", "^/b"]
+    assert all(r.methods is None for r in options.routes)
+    options = build_options(
+        {
+            r"^/a": ["post", "GET"],
+            r"^/b": {"methods": ["PUT"], "timeout": 60, "result_ttl": 5, "replay": True},
+        }
+    )
+    first, second = options.routes
+    assert first.methods == frozenset({"POST", "GET"})
+    assert second.methods == frozenset({"PUT"}) and second.timeout == 60
+    assert second.result_ttl == 5 and second.replay is True
+    assert options.route_for("/a/x", "POST") is first
+    assert options.route_for("/a/x", "DELETE") is None
+    assert options.route_for("/x/a", "POST") is None  # re.match anchors at the start
+    assert options.timeout_of(first) is None and options.timeout_of(second) == 60
+    assert options.result_ttl_of(first) == 300 and options.result_ttl_of(second) == 5
+
+
+def test_defaults() -> None:
+    options = build_options(["^/"])
+    assert options.status_path == "/_async/tasks"
+    assert (options.max_workers, options.max_queued) == (8, 1000)
+    assert options.max_body_size == 10 * 1024 * 1024
+    assert options.max_result_size == 100 * 1024 * 1024
+    assert (options.result_ttl, options.task_timeout, options.retry_after) == (300, None, 1)
+    assert options.max_wait == 30
+
+
+@pytest.mark.parametrize(
+    ("routes", "error", "message"),
+    [
+        ("^/a", TypeError, "routes must be a list"),
+        ([], ValueError, "routes is empty"),
+        (["(unclosed"], ValueError, "invalid regex '(unclosed'"),
+        ([42], TypeError, "42"),
+        ([re.compile(rb"^/a")], TypeError, "not bytes"),
+        ({"^/a": "POST"}, TypeError, "methods of '^/a'"),
+        ({"^/a": ["P OST"]}, ValueError, "invalid method 'P OST'"),
+        ({"^/a": []}, ValueError, "is empty"),
+        ({"^/a": {"method": ["POST"]}}, ValueError, "unknown option(s) ['method']"),
+        ({"^/a": {"timeout": -1}}, ValueError, "timeout must be a finite number above 0, got -1"),
+        ({"^/a": {"replay": "yes"}}, TypeError, "replay of '^/a'"),
+    ],
+)
+def test_bad_routes(routes: Any, error: type[Exception], message: str) -> None:
+    with pytest.raises(error) as info:
+        build_options(routes)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "error"),
+    [
+        ("max_workers", 0, ValueError),
+        ("max_workers", 1.5, TypeError),
+        ("max_workers", True, TypeError),
+        ("max_queued", -3, ValueError),
+        ("max_body_size", "10MB", TypeError),
+        ("max_result_size", 0, ValueError),
+        ("result_ttl", float("nan"), ValueError),
+        ("task_timeout", float("inf"), ValueError),
+        ("retry_after", 0.5, TypeError),
+        ("max_wait", 0, ValueError),
+        ("status_path", "tasks", ValueError),
+        ("status_path", "/a b", ValueError),
+        ("status_path", 3, TypeError),
+        ("owner", "header", TypeError),
+        ("max_workerz", 3, TypeError),
+    ],
+)
+def test_bad_options_name_the_option_and_value(
+    name: str, value: Any, error: type[Exception]
+) -> None:
+    with pytest.raises(error) as info:
+        AsyncMiddleware(app, routes=["^/"], **{name: value})
+    assert name in str(info.value)
+    if name != "max_workerz":
+        assert repr(value) in str(info.value)
+
+
+def test_bad_registry() -> None:
+    with pytest.raises(ValueError, match="unsupported URL 'mongodb://x'"):
+        AsyncMiddleware(app, routes=["^/"], registry="mongodb://x")
+    with pytest.raises(TypeError, match="registry must be"):
+        AsyncMiddleware(app, routes=["^/"], registry=42)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="app must be a WSGI callable"):
+        AsyncMiddleware("app", routes=["^/"])  # type: ignore[arg-type]

@@ -1,0 +1,123 @@
+"""The bounded worker pool."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+from wsgi_async.errors import QueueFull
+from wsgi_async.executor import WorkerPool
+
+
+class Job:
+    def __init__(self, gate: threading.Event | None = None) -> None:
+        self.gate = gate
+        self.ran = threading.Event()
+        self.cancelled: str | None = None
+        self.thread: str | None = None
+
+    def run(self) -> None:
+        self.thread = threading.current_thread().name
+        if self.gate is not None:
+            self.gate.wait(10)
+        self.ran.set()
+
+    def cancel(self, reason: str) -> None:
+        self.cancelled = reason
+
+
+def test_bound_is_workers_plus_queue() -> None:
+    pool = WorkerPool(max_workers=2, max_queued=3)
+    gate = threading.Event()
+    jobs = [Job(gate) for _ in range(5)]
+    for job in jobs:
+        pool.submit(job)
+    with pytest.raises(QueueFull, match="all 2 workers are busy and 3 tasks wait"):
+        pool.submit(Job())
+    assert pool.free_slots == 0
+    gate.set()
+    for job in jobs:
+        assert job.ran.wait(5)
+    deadline = time.monotonic() + 5
+    while pool.free_slots != 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert pool.free_slots == 5
+    names = {job.thread for job in jobs}
+    assert len(names) <= 2
+    pool.shutdown()
+
+
+def test_threads_start_lazily_and_never_exceed_max_workers() -> None:
+    before = threading.active_count()
+    pool = WorkerPool(max_workers=3, max_queued=100)
+    assert threading.active_count() == before
+    jobs = [Job() for _ in range(50)]
+    for job in jobs:
+        pool.submit(job)
+    assert threading.active_count() <= before + 3
+    for job in jobs:
+        assert job.ran.wait(5)
+    pool.shutdown()
+    assert threading.active_count() == before
+
+
+def test_reserve_and_release() -> None:
+    pool = WorkerPool(max_workers=1, max_queued=0 + 1)
+    pool.reserve()
+    pool.reserve()
+    with pytest.raises(QueueFull):
+        pool.reserve()
+    pool.release()
+    pool.reserve()
+    pool.release()
+    pool.release()
+    assert pool.free_slots == 2
+    pool.shutdown()
+
+
+def test_shutdown_without_wait_cancels_queued_jobs() -> None:
+    pool = WorkerPool(max_workers=1, max_queued=5)
+    gate = threading.Event()
+    running = Job(gate)
+    pool.submit(running)
+    time.sleep(0.05)
+    queued = [Job() for _ in range(3)]
+    for job in queued:
+        pool.submit(job)
+    pool.shutdown(wait=False)
+    assert all(job.cancelled for job in queued)
+    with pytest.raises(QueueFull, match="shut down"):
+        pool.submit(Job())
+    gate.set()
+    assert running.ran.wait(5)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_a_pool_inherited_over_fork_is_rebuilt_in_the_child() -> None:
+    pool = WorkerPool(max_workers=1, max_queued=1)
+    gate = threading.Event()
+    pool.submit(Job(gate))  # the parent's only worker is busy and its queue slot free
+    pool.submit(Job(gate))
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: the parent's threads do not exist here
+        code = 1
+        try:
+            job = Job()
+            pool.submit(job)
+            code = 0 if job.ran.wait(5) else 2
+        finally:
+            os.write(write, bytes([code]))
+            os._exit(code)
+    try:
+        os.close(write)
+        assert os.read(read, 1) == b"\x00"
+    finally:
+        os.close(read)
+        os.waitpid(pid, 0)
+        gate.set()
+        pool.shutdown()

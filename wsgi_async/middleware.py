@@ -120,6 +120,7 @@ class AsyncMiddleware:
     ) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
         if path.startswith(self._status_prefix) or path == self.options.status_path:
+            self._start_supervisor()
             return self.status(environ, start_response, self._owner(environ))
         route = self.options.route_for(path, environ.get("REQUEST_METHOD", "GET"))
         if route is None:
@@ -218,6 +219,13 @@ class AsyncMiddleware:
             self.registry.fail(record.id, error_response(
                 503, "No worker was free to replay the task after its worker was lost.",
                 id=record.id))
+
+    def _start_supervisor(self) -> None:
+        """Any process that serves polls also settles the tasks of dead processes."""
+        try:
+            self.supervisor.ensure_started()
+        except RegistryError as exc:
+            log.warning("wsgi_async: registry unavailable, supervisor not started: %s", exc)
 
     def _owner(self, environ: WSGIEnvironment) -> str | None:
         if self.options.owner is None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from .base import (
     Registry,
@@ -37,7 +37,7 @@ def open_registry(url: str, *, max_tasks: int = 10_000) -> Registry:
 
     ``memory://`` keeps tasks in this process; ``sqlite:///path/to/tasks.db``
     shares them between the processes of one host; ``redis://host:port/db``
-    between hosts.
+    (optionally ``?prefix=myapp:`` for the key prefix) between hosts.
     """
     scheme = urlsplit(url).scheme
     if scheme == "memory":
@@ -49,6 +49,14 @@ def open_registry(url: str, *, max_tasks: int = 10_000) -> Registry:
     if scheme in ("redis", "rediss", "unix"):
         from .redis import RedisRegistry
 
+        # ``?prefix=`` is ours; every other query parameter is redis-py's.
+        parts = urlsplit(url)
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        prefixes = [value for key, value in query if key == "prefix"]
+        rest = urlencode([(key, value) for key, value in query if key != "prefix"])
+        url = urlunsplit(parts._replace(query=rest))
+        if prefixes:
+            return RedisRegistry.from_url(url, max_tasks=max_tasks, prefix=prefixes[-1])
         return RedisRegistry.from_url(url, max_tasks=max_tasks)
     raise ValueError(
         f"registry: unsupported URL {url!r}; use one of "

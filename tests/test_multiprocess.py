@@ -1,0 +1,173 @@
+"""Shared registries across real processes: gunicorn -w 3 on SQLite and on Redis.
+
+Submits land on one process and polls on others; a worker process killed with
+SIGKILL leaves no task running forever; a replayable task is run again by a
+live process.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import REDIS_URL, free_port, require_redis
+
+pytestmark = pytest.mark.server
+
+APPS = Path(__file__).parent / "apps"
+LEASE = 1.5
+
+
+class Server:
+    """A gunicorn with three worker processes on a free loopback port."""
+
+    def __init__(self, registry: str, marks: Path) -> None:
+        self.port = free_port()
+        env = dict(os.environ, PYTHONPATH=str(APPS), WSGI_ASYNC_TEST_REGISTRY=registry,
+                   WSGI_ASYNC_TEST_LEASE=str(LEASE), WSGI_ASYNC_TEST_MARKS=str(marks))
+        self.log = marks / "gunicorn.log"
+        self._log = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-w", "3", "-k", "gthread", "--threads", "4",
+             "-b", f"127.0.0.1:{self.port}", "--graceful-timeout", "3", "mpapp:application"],
+            env=env, stdout=self._log, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"gunicorn exited: {self.log.read_text()}")
+            try:
+                self.request("GET", "/pid")
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise AssertionError("gunicorn did not start in 20 s")
+
+    def request(self, method: str, path: str, body: bytes = b"",
+                headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        try:
+            connection.request(method, path, body=body or None, headers=headers or {})
+            response = connection.getresponse()
+            return response.status, dict(response.getheaders()), response.read()
+        finally:
+            connection.close()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Server]:
+    if request.param == "redis":
+        require_redis()
+        registry = f"{REDIS_URL}?prefix=wsgi-async-mp-{secrets.token_hex(4)}:"
+    else:
+        registry = f"sqlite:///{tmp_path / 'tasks.db'}"
+    srv = Server(registry, tmp_path)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def poll_final(srv: Server, location: str, limit: float = 30) -> tuple[int, dict[str, str], bytes]:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        status, headers, body = srv.request("GET", location, headers={"Prefer": "wait=5"})
+        if status != 202:
+            return status, headers, body
+    raise AssertionError(f"{location} did not finish in {limit} s")
+
+
+def test_hundreds_of_tasks_across_processes_nothing_lost(server: Server) -> None:
+    locations: dict[str, bytes] = {}
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def submit(worker: int) -> None:
+        for index in range(50):
+            payload = f"{worker}-{index}".encode()
+            status, headers, _ = server.request("POST", "/work", payload)
+            if status != 202:
+                with lock:
+                    errors.append(f"submit answered {status}")
+                continue
+            with lock:
+                locations[headers["Location"]] = payload
+
+    threads = [threading.Thread(target=submit, args=(n,)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert len(locations) == 300
+    ran_in: set[str] = set()
+    for location, payload in locations.items():
+        status, headers, body = poll_final(server, location)
+        assert status == 200, body
+        assert body == b"done:" + payload
+        ran_in.add(headers["X-Pid"])
+    assert len(ran_in) >= 2, "every task ran in one process: the test proves nothing"
+
+
+def running_pid(marks: Path, task_id: str, attempt: int = 1, limit: float = 10) -> int:
+    mark = marks / f"{task_id}.{attempt}"
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if mark.exists() and mark.read_text():
+            return int(mark.read_text())
+        time.sleep(0.05)
+    raise AssertionError(f"task {task_id} attempt {attempt} never started")
+
+
+def test_a_killed_worker_process_fails_its_task(server: Server, tmp_path: Path) -> None:
+    status, headers, _ = server.request("POST", "/work?sleep=60", b"x")
+    assert status == 202
+    location = headers["Location"]
+    task_id = location.rsplit("/", 1)[1]
+    pid = running_pid(tmp_path, task_id)
+    os.kill(pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    status, _, body = poll_final(server, location, limit=LEASE * 3 + 10)
+    settled_after = time.monotonic() - killed_at
+    assert status == 500
+    document = json.loads(body)
+    assert document["reason"] == "worker_lost"
+    assert "Traceback" not in body.decode()
+    print(f"lost task settled {settled_after:.2f} s after SIGKILL (lease {LEASE} s)")
+    assert settled_after < LEASE * 2 + 5
+
+
+def test_a_replayable_task_runs_again_elsewhere(server: Server, tmp_path: Path) -> None:
+    status, headers, _ = server.request("POST", "/replay?sleep=60", b"again")
+    assert status == 202
+    location = headers["Location"]
+    task_id = location.rsplit("/", 1)[1]
+    first = running_pid(tmp_path, task_id, attempt=1)
+    os.kill(first, signal.SIGKILL)
+    status, headers, body = poll_final(server, location, limit=LEASE * 3 + 10)
+    assert status == 200, body
+    assert body == b"done:again"
+    assert headers["X-Attempt"] == "2"
+    assert int(headers["X-Pid"]) != first
+    assert running_pid(tmp_path, task_id, attempt=2) != first

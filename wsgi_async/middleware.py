@@ -20,7 +20,7 @@ from typing import Any
 
 from .config import Options, Route, RouteSpec, build_options
 from .errors import QueueFull, RegistryError, RegistryFull
-from .executor import WorkerPool
+from .executor import WorkerPool, check_uwsgi_threads
 from .prefer import Preferences, parse_idempotency_key, parse_prefer
 from .registry import Registry, open_registry
 from .registry.base import RequestSnapshot, TaskRecord, error_response
@@ -82,6 +82,7 @@ class AsyncMiddleware:
     ) -> None:
         if not callable(app):
             raise TypeError(f"app must be a WSGI callable, got {app!r}")
+        check_uwsgi_threads()
         self.app = app
         self.options: Options = build_options(routes, **options)
         self.registry = self._open(registry)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterable
 from typing import Any
@@ -53,3 +54,29 @@ def test_many_submits_and_polls_at_once_each_task_runs_exactly_once(registry: Re
     assert all(body.startswith(b"ok:") for body in results.values()), results
     assert sorted(set(runs.values())) == [1]
     assert len(runs) == 200
+
+
+def test_tasks_left_running_at_shutdown_are_settled_by_another_process(
+    registry: Registry,
+) -> None:
+    from wsgi_helpers import Gate
+
+    gate = Gate()
+    first, first_app = client(gate, registry=registry, lease_time=0.5)
+    second, second_app = client(gate, registry=registry, lease_time=0.5)
+    try:
+        location = first_app.post("/async", b"").headers["Location"]
+        deadline = time.monotonic() + 5
+        while gate.running == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        first.shutdown(wait=False)  # the task is still running: the lease must lapse
+        res = second_app.get(location, headers={"Prefer": "wait=5"}, status="*")
+        while res.status_int == 202 and time.monotonic() < deadline + 10:
+            res = second_app.get(location, headers={"Prefer": "wait=5"}, status="*")
+        assert res.status_int == 500
+        assert res.json["reason"] == "worker_lost"
+    finally:
+        gate.opened.set()
+        second.shutdown(wait=True, timeout=5)
+    time.sleep(0.1)
+    assert second_app.get(location, status=500).json["reason"] == "worker_lost"

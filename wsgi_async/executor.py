@@ -37,7 +37,7 @@ def check_uwsgi_threads() -> None:
     if uwsgi is None:
         return
     opts = getattr(uwsgi, "opt", {})
-    if not (opts.get("enable-threads") or opts.get("threads")):
+    if not (getattr(uwsgi, "has_threads", 0) or opts.get("enable-threads") or opts.get("threads")):
         raise RuntimeError(
             "wsgi_async needs threads, and uWSGI runs without them: "
             "start uWSGI with --enable-threads (or --threads N)"
@@ -130,8 +130,11 @@ class WorkerPool:
                     self._reserved -= 1
                     self._idle += 1
 
-    def shutdown(self, wait: bool = True, timeout: float | None = None) -> None:
-        """Stop accepting work; with ``wait``, finish queued jobs, else cancel them."""
+    def shutdown(self, wait: bool = True, timeout: float | None = None) -> bool:
+        """Stop accepting work; with ``wait``, finish queued jobs, else cancel them.
+
+        Returns whether every job has ended (none is still running).
+        """
         with self._lock:
             if self._pid != os.getpid():
                 self._reset()
@@ -152,6 +155,8 @@ class WorkerPool:
             deadline = None if timeout is None else time.monotonic() + timeout
             for thread in threads:
                 thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            return self._reserved == 0
 
 
 def _reset_ref(ref: weakref.ref[WorkerPool]) -> None:

@@ -237,9 +237,13 @@ class AsyncMiddleware:
         return hashlib.sha256(identity.encode("utf-8")).hexdigest()
 
     def shutdown(self, wait: bool = True, timeout: float | None = None) -> None:
-        """Stop the pool (finishing queued tasks when ``wait``) and the supervisor."""
-        self.pool.shutdown(wait=wait, timeout=timeout)
-        self.supervisor.stop()
+        """Stop the pool (finishing queued tasks when ``wait``) and the supervisor.
+
+        Tasks still running afterwards (``wait=False``, or past ``timeout``)
+        are settled by another process once this one's lease lapses.
+        """
+        drained = self.pool.shutdown(wait=wait, timeout=timeout)
+        self.supervisor.stop(retire=drained)
 
     def task_url(self, environ: WSGIEnvironment, task_id: str) -> str:
         return task_url(environ, self.options.status_path, task_id)

@@ -70,13 +70,20 @@ class Supervisor:
         with self._cond:
             self._deadlines.pop(task_id, None)
 
-    def stop(self) -> None:
+    def stop(self, retire: bool = True) -> None:
+        """Stop the thread; ``retire`` the lease only if this process holds no task.
+
+        A process that stops with tasks still running keeps its lease, which
+        then lapses, so that another process settles (or replays) those tasks.
+        """
         with self._cond:
             self._stopped = True
             self._cond.notify()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(5)
+        if not retire:
+            return
         try:
             self.registry.retire(self.worker_id())
         except RegistryError:

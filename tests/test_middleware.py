@@ -655,3 +655,14 @@ def test_shutdown_with_wait_finishes_queued_tasks(cleanup: list[AsyncMiddleware]
     middleware.shutdown(wait=True, timeout=10)
     for location in locations:
         app.get(location, status=201)
+
+
+def test_memory_registry_under_a_multiprocess_server_warns_once(
+    cleanup: list[AsyncMiddleware], caplog: pytest.LogCaptureFixture
+) -> None:
+    _, app = make(cleanup, echo_app)
+    with caplog.at_level(logging.WARNING, logger="wsgi_async"):
+        for _ in range(2):
+            app.post("/async", b"", extra_environ={"wsgi.multiprocess": True}, status=202)
+    warnings = [r for r in caplog.records if "private to each process" in r.getMessage()]
+    assert len(warnings) == 1

@@ -13,7 +13,6 @@ import hashlib
 import logging
 import os
 import secrets
-import threading
 import weakref
 from collections.abc import Iterable
 from typing import Any
@@ -22,7 +21,7 @@ from .config import Options, Route, RouteSpec, build_options
 from .errors import QueueFull, RegistryError, RegistryFull
 from .executor import WorkerPool, check_uwsgi_threads
 from .prefer import Preferences, parse_idempotency_key, parse_prefer
-from .registry import Registry, open_registry
+from .registry import MemoryRegistry, Registry, open_registry
 from .registry.base import RequestSnapshot, TaskRecord, error_response
 from .request import BodyError, read_body, snapshot
 from .responses import replay, send_error
@@ -88,7 +87,7 @@ class AsyncMiddleware:
         self.registry = self._open(registry)
         self._status_prefix = self.options.status_path + "/"
         self._worker: tuple[int, str] = (0, "")
-        self._lock = threading.Lock()
+        self._warned_multiprocess = False
         self.pool = WorkerPool(self.options.max_workers, self.options.max_queued)
         self.supervisor = Supervisor(
             self.registry, self.worker_id, self.options.lease_time, self._requeued
@@ -189,6 +188,15 @@ class AsyncMiddleware:
             log.info("wsgi_async: task %s repeated by its Idempotency-Key", stored.id)
             return self._accepted(environ, start_response, stored, prefer)
         multiprocess = bool(environ.get("wsgi.multiprocess", False))
+        if multiprocess and not self._warned_multiprocess and isinstance(
+            self.registry, MemoryRegistry
+        ):
+            self._warned_multiprocess = True
+            log.warning(
+                "wsgi_async: the memory:// registry is private to each process, and this "
+                "server runs several: polls may reach another process and get 404. "
+                "Use registry='sqlite:///path/tasks.db' or 'redis://host:port/db'."
+            )
         self.pool.put(_Job(self, stored.id, request, multiprocess))
         log.info("wsgi_async: task %s accepted route=%s", stored.id, stored.route)
         return self._accepted(environ, start_response, stored, prefer)
@@ -198,7 +206,7 @@ class AsyncMiddleware:
         prefer: Preferences,
     ) -> Iterable[bytes]:
         if prefer.wait:
-            waited = self.status._wait(record, min(prefer.wait, self.options.max_wait))
+            waited = self.status.wait_for(record, min(prefer.wait, self.options.max_wait))
             if waited is not None and waited.status.is_final and waited.response is not None:
                 return replay(environ, start_response, waited.response)
             record = waited or record

@@ -53,7 +53,7 @@ class StatusEndpoint:
                 return self._delete(environ, start_response, record)
             wait = parse_prefer(environ).wait
             if wait and not record.status.is_final:
-                record = self._wait(record, min(wait, self.options.max_wait))
+                record = self.wait_for(record, min(wait, self.options.max_wait))
                 if record is None:
                     return self._not_found(environ, start_response)
         except RegistryError as exc:
@@ -81,7 +81,8 @@ class StatusEndpoint:
             [("Location", location), ("Retry-After", str(self.options.retry_after)), *headers],
         )
 
-    def _wait(self, record: TaskRecord, timeout: float) -> TaskRecord | None:
+    def wait_for(self, record: TaskRecord, timeout: float) -> TaskRecord | None:
+        """Hold until ``record`` ends or ``timeout`` passes, within ``max_waiters``."""
         # Waiting holds a server thread: past max_waiters, answer at once.
         if not self._waiters.acquire(blocking=False):
             return record

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import socket
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -80,3 +83,83 @@ def _cleanup(reg: Registry) -> None:
         for key in client.scan_iter(match=prefix + "*", count=500):
             client.delete(key)
     reg.close()
+
+
+class RedisServer:
+    """A throwaway ``redis-server`` on a loopback port that tests may stop and start.
+
+    With ``data_dir`` it keeps an append-only file there, so its data survives
+    a restart the way a production Redis's does; without, it keeps nothing.
+    """
+
+    def __init__(self, binary: str, port: int, data_dir: Path | None = None) -> None:
+        self.binary = binary
+        self.port = port
+        self.data_dir = data_dir
+        self.url = f"redis://127.0.0.1:{port}/0"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        import redis
+
+        persistence = ["--appendonly", "no"]
+        if self.data_dir is not None:
+            persistence = ["--appendonly", "yes", "--appendfsync", "always",
+                           "--dir", str(self.data_dir)]
+        self.process = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             *persistence],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        probe = redis.Redis(port=self.port, socket_timeout=1, socket_connect_timeout=1)
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                assert self.process.poll() is None, "redis-server exited"
+                try:
+                    probe.ping()
+                    return
+                except (redis.ConnectionError, redis.BusyLoadingError):
+                    assert time.monotonic() < deadline, "redis-server did not start"
+                    time.sleep(0.02)
+        finally:
+            probe.close()
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(10)
+            self.process = None
+
+
+def _redis_binary() -> str:
+    require_redis()
+    binary = shutil.which("redis-server")
+    if binary is None:
+        if IN_CI:
+            pytest.fail("redis-server is required under CI")
+        pytest.skip("redis-server is not installed")
+    return binary
+
+
+@pytest.fixture
+def private_redis() -> Iterator[RedisServer]:
+    """A private Redis without persistence; never the shared one on 6379."""
+    private = RedisServer(_redis_binary(), free_port())
+    private.start()
+    try:
+        yield private
+    finally:
+        private.kill()
+
+
+@pytest.fixture
+def durable_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A private Redis with an append-only file, so a restart keeps its data."""
+    private = RedisServer(_redis_binary(), free_port(), tmp_path)
+    private.start()
+    try:
+        yield private
+    finally:
+        private.kill()

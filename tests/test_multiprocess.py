@@ -77,9 +77,10 @@ class Server:
 
 @pytest.fixture(params=["sqlite", "redis"])
 def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Server]:
+    prefix = f"wsgi-async-mp-{secrets.token_hex(4)}:"
     if request.param == "redis":
         require_redis()
-        registry = f"{REDIS_URL}?prefix=wsgi-async-mp-{secrets.token_hex(4)}:"
+        registry = f"{REDIS_URL}?prefix={prefix}"
     else:
         registry = f"sqlite:///{tmp_path / 'tasks.db'}"
     srv = Server(registry, tmp_path)
@@ -87,6 +88,12 @@ def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Server]:
         yield srv
     finally:
         srv.stop()
+        if request.param == "redis":
+            import redis
+
+            with redis.Redis.from_url(REDIS_URL) as keys:
+                for key in keys.scan_iter(match=prefix + "*", count=1000):
+                    keys.delete(key)
 
 
 def poll_final(srv: Server, location: str, limit: float = 30) -> tuple[int, dict[str, str], bytes]:

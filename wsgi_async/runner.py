@@ -14,7 +14,14 @@ from dataclasses import dataclass
 
 from .capture import capture
 from .errors import RegistryError, ResponseError, ResultTooLarge, TaskTimeout
-from .registry.base import Registry, RequestSnapshot, StoredResponse, TaskStatus, error_response
+from .registry.base import (
+    Registry,
+    RequestSnapshot,
+    StoredResponse,
+    TaskRecord,
+    TaskStatus,
+    error_response,
+)
 from .request import TaskHandle, task_environ
 from .supervisor import Supervisor
 from .types import WSGIApplication
@@ -36,11 +43,7 @@ class TaskRunner:
 
     def run(self, task_id: str, request: RequestSnapshot, *, multiprocess: bool) -> None:
         worker = self.worker_id()
-        try:
-            record = self.registry.start(task_id, worker)
-        except RegistryError:
-            log.exception("wsgi_async: task %s could not be started", task_id)
-            return
+        record = self._start(task_id, worker)
         if record is None:
             log.info("wsgi_async: task %s is no longer queued here; skipped", task_id)
             return
@@ -96,13 +99,39 @@ class TaskRunner:
             )
         return TaskStatus.DONE, response
 
+    def _start(self, task_id: str, worker: str) -> TaskRecord | None:
+        """Claim the task, retrying while the registry is unavailable."""
+        for attempt, delay in enumerate((*STORE_RETRIES, None)):
+            try:
+                record = self.registry.start(task_id, worker)
+                if record is None and attempt:
+                    # The previous try may have started it before its reply was lost.
+                    current = self.registry.get(task_id)
+                    if current and current.status is TaskStatus.RUNNING and (
+                        current.worker == worker
+                    ):
+                        record = current
+                return record
+            except RegistryError as exc:
+                if delay is None:
+                    log.error("wsgi_async: task %s could not be started: %s", task_id, exc)
+                    return None
+                log.warning("wsgi_async: starting task %s failed (%s); retrying", task_id, exc)
+                time.sleep(delay)
+        return None
+
     def _store(
         self, task_id: str, worker: str, status: TaskStatus, response: StoredResponse
     ) -> bool:
         """Store the outcome, retrying while the registry is unavailable."""
-        for delay in (*STORE_RETRIES, None):
+        for attempt, delay in enumerate((*STORE_RETRIES, None)):
             try:
-                return self.registry.finish(task_id, worker, status, response)
+                stored = self.registry.finish(task_id, worker, status, response)
+                if not stored and attempt:
+                    # The previous try may have stored it before its reply was lost.
+                    current = self.registry.get(task_id)
+                    stored = current is not None and current.response == response
+                return stored
             except RegistryError as exc:
                 if delay is None:
                     log.error("wsgi_async: the outcome of task %s was lost: %s", task_id, exc)

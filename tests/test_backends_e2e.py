@@ -8,9 +8,8 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
-from wsgi_helpers import Environ, client, read_body, wait_result
-
 from wsgi_async.registry import Registry
+from wsgi_helpers import Environ, client, read_body, wait_result
 
 
 def test_many_submits_and_polls_at_once_each_task_runs_exactly_once(registry: Registry) -> None:

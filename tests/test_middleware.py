@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 from webtest import TestApp
-from wsgi_helpers import Closing, Environ, Gate, client, echo_app, read_body, sleeping, wait_result
 
 from wsgi_async import AsyncMiddleware
+from wsgi_helpers import Closing, Environ, Gate, client, echo_app, read_body, sleeping, wait_result
 
 
 @pytest.fixture

@@ -82,6 +82,14 @@ def test_finish_stores_the_response_byte_for_byte(registry: Registry) -> None:
     assert registry.get(record.id).response == OK  # type: ignore[union-attr]
 
 
+def test_finish_takes_only_a_final_status(registry: Registry) -> None:
+    record = registry.create(new_task())
+    registry.start(record.id, "w1")
+    with pytest.raises(ValueError, match="final"):
+        registry.finish(record.id, "w1", TaskStatus.QUEUED, OK)
+    assert registry.get(record.id).status is TaskStatus.RUNNING  # type: ignore[union-attr]
+
+
 def test_fail_discards_a_late_result(registry: Registry) -> None:
     record = registry.create(new_task())
     registry.start(record.id, "w1")

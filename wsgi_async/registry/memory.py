@@ -90,6 +90,8 @@ class MemoryRegistry:
     def finish(
         self, task_id: str, worker: str, status: TaskStatus, response: StoredResponse
     ) -> bool:
+        if not status.is_final:
+            raise ValueError(f"status must be final, got {status.value!r}")
         with self._lock:
             record = self._tasks.get(task_id)
             if record is None or record.status is not TaskStatus.RUNNING or record.worker != worker:

@@ -1,0 +1,766 @@
+"""The SQLite registry: one database file shared by every process of a host.
+
+The file runs in WAL mode so that readers never block the writer, and every
+write is a short ``BEGIN IMMEDIATE`` transaction, so concurrent writers queue
+on the busy timeout instead of failing.  Each thread of each process has its
+own connection; a connection inherited over ``fork()`` is never touched.
+
+Completions are pushed, not polled: every process that waits on a task binds
+a Unix datagram socket in ``<db>.notify/``, and whoever settles a task sends
+a hash of its id to each socket there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import secrets
+import socket
+import sqlite3
+import tempfile
+import threading
+import time
+import weakref
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import replace
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from .base import (
+    RegistryError,
+    RegistryFull,
+    RegistryUnavailable,
+    RequestSnapshot,
+    StoredResponse,
+    TaskRecord,
+    TaskStatus,
+    lost_worker_response,
+)
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS tasks (
+        id TEXT PRIMARY KEY,
+        route TEXT NOT NULL,
+        status TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        started_at REAL,
+        finished_at REAL,
+        expires_at REAL,
+        worker TEXT,
+        owner TEXT,
+        fingerprint TEXT,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        replay INTEGER NOT NULL DEFAULT 0,
+        timeout REAL,
+        result_ttl REAL NOT NULL,
+        response_head TEXT,
+        response_body BLOB,
+        request_environ TEXT,
+        request_body BLOB,
+        idempotency_key TEXT UNIQUE
+    )""",
+    """CREATE INDEX IF NOT EXISTS tasks_pending_by_worker ON tasks (worker, created_at)
+        WHERE status IN ('queued', 'running')""",
+    """CREATE INDEX IF NOT EXISTS tasks_by_expiry ON tasks (expires_at)
+        WHERE expires_at IS NOT NULL""",
+    """CREATE TABLE IF NOT EXISTS workers (id TEXT PRIMARY KEY, lease_expires REAL NOT NULL)""",
+    """CREATE INDEX IF NOT EXISTS workers_by_lease ON workers (lease_expires)""",
+    # One row counting the tasks, so that enforcing max_tasks never runs COUNT(*).
+    """CREATE TABLE IF NOT EXISTS counters (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        tasks INTEGER NOT NULL
+    )""",
+    """INSERT OR IGNORE INTO counters (id, tasks) VALUES (1, 0)""",
+    """CREATE TRIGGER IF NOT EXISTS tasks_count_insert AFTER INSERT ON tasks
+        BEGIN UPDATE counters SET tasks = tasks + 1 WHERE id = 1; END""",
+    """CREATE TRIGGER IF NOT EXISTS tasks_count_delete AFTER DELETE ON tasks
+        BEGIN UPDATE counters SET tasks = tasks - 1 WHERE id = 1; END""",
+    f"PRAGMA user_version = {SCHEMA_VERSION}",
+)
+
+COLUMNS = (
+    "id, route, status, created_at, started_at, finished_at, worker, owner, fingerprint,"
+    " attempts, replay, timeout, result_ttl, response_head, response_body, expires_at"
+)
+PENDING = "status IN ('queued', 'running')"
+
+#: How often a waiter re-reads the database in case a wake-up datagram was lost.
+SAFETY_NET = 1.0
+#: How many expired tasks ``create`` drops when the registry is full.
+EXPIRE_ON_FULL = 100
+#: Datagrams drained in one go that mean the queue may have overflowed (Linux
+#: queues 10 by default and refuses more): every waiter then re-reads its task.
+BURST = 8
+#: Longest socket path that fits ``sockaddr_un.sun_path`` on Linux (107) and macOS (103).
+MAX_SOCKET_PATH = 103
+#: Longest socket file name: ``/<pid in hex>-<8 hex digits>.sock``.
+MAX_SOCKET_NAME = len(f"/{2**32:x}-{0:08x}.sock")
+
+
+class SQLiteRegistry:
+    """Registry in one SQLite file, shared by the processes of a host (``sqlite:///path``)."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        max_tasks: int = 10_000,
+        busy_timeout: float = 30.0,
+    ) -> None:
+        name = os.fspath(path)
+        if not isinstance(name, str) or not name or name == ":memory:" or "\0" in name:
+            raise ValueError(f"path must name a database file, got {name!r}")
+        if isinstance(max_tasks, bool) or not isinstance(max_tasks, int) or max_tasks < 1:
+            raise ValueError(f"max_tasks must be at least 1, got {max_tasks!r}")
+        if (
+            isinstance(busy_timeout, bool)
+            or not isinstance(busy_timeout, (int, float))
+            or not math.isfinite(busy_timeout)
+            or busy_timeout <= 0
+        ):
+            raise ValueError(
+                f"busy_timeout must be a positive number of seconds, got {busy_timeout!r}"
+            )
+        self.path = os.path.abspath(name)
+        self.max_tasks = max_tasks
+        self.busy_timeout = float(busy_timeout)
+        self._closed = False
+        self._inherited: list[_Process] = []
+        self.notify_directory = _notify_directory(self.path)
+        self._process = _Process(self.notify_directory)
+        _registries.add(self)
+        try:
+            self._create_schema()
+        except BaseException:
+            self.close()
+            raise
+
+    @classmethod
+    def from_url(cls, url: str, *, max_tasks: int = 10_000) -> SQLiteRegistry:
+        """Open ``sqlite:///relative/tasks.db`` or ``sqlite:////absolute/tasks.db``.
+
+        The only query option is ``busy_timeout`` (seconds).
+        """
+        parts = urlsplit(url)
+        if parts.scheme != "sqlite" or parts.netloc or len(parts.path) < 2:
+            raise ValueError(
+                f"registry: a SQLite URL is sqlite:///relative/path or "
+                f"sqlite:////absolute/path, got {url!r}"
+            )
+        busy_timeout = 30.0
+        for option, value in parse_qsl(parts.query, keep_blank_values=True):
+            if option != "busy_timeout":
+                raise ValueError(f"registry: unknown SQLite option {option!r} in {url!r}")
+            try:
+                busy_timeout = float(value)
+            except ValueError:
+                raise ValueError(
+                    f"registry: busy_timeout must be a number of seconds, got {value!r}"
+                ) from None
+        return cls(unquote(parts.path[1:]), max_tasks=max_tasks, busy_timeout=busy_timeout)
+
+    def __repr__(self) -> str:
+        return f"<SQLiteRegistry {self.path!r}>"
+
+    # -- creation and lookup -------------------------------------------------
+
+    def create(
+        self,
+        record: TaskRecord,
+        request: RequestSnapshot | None = None,
+        idempotency_key: str | None = None,
+    ) -> TaskRecord:
+        now = time.time()
+        with self._write() as db:
+            if idempotency_key is not None:
+                row = db.execute(
+                    f"SELECT {COLUMNS} FROM tasks WHERE idempotency_key = ?", (idempotency_key,)
+                ).fetchone()
+                if row is not None and not _expired(row, now):
+                    return _record(row)
+                if row is not None:
+                    db.execute("DELETE FROM tasks WHERE id = ?", (row[0],))
+            if self._count(db) >= self.max_tasks:
+                _expire(db, now, EXPIRE_ON_FULL)
+                if self._count(db) >= self.max_tasks:
+                    raise RegistryFull(f"the registry holds its maximum of {self.max_tasks} tasks")
+            response = record.response
+            try:
+                db.execute(
+                    "INSERT INTO tasks (id, route, status, created_at, started_at, finished_at,"
+                    " expires_at, worker, owner, fingerprint, attempts, replay, timeout,"
+                    " result_ttl, response_head, response_body, request_environ, request_body,"
+                    f" idempotency_key) VALUES ({', '.join('?' * 19)})",
+                    (
+                        record.id,
+                        record.route,
+                        record.status.value,
+                        record.created_at,
+                        record.started_at,
+                        record.finished_at,
+                        record.expires_at,
+                        record.worker,
+                        record.owner,
+                        record.fingerprint,
+                        record.attempts,
+                        int(record.replay),
+                        record.timeout,
+                        record.result_ttl,
+                        None if response is None else response.headers_json(),
+                        None if response is None else response.body,
+                        None if request is None else json.dumps(request.environ),
+                        None if request is None else request.body,
+                        idempotency_key,
+                    ),
+                )
+            except sqlite3.IntegrityError:
+                raise RegistryError(f"a task with id {record.id!r} already exists") from None
+        return replace(record)
+
+    def get(self, task_id: str) -> TaskRecord | None:
+        with self._read() as db:
+            row = db.execute(f"SELECT {COLUMNS} FROM tasks WHERE id = ?", (task_id,)).fetchone()
+        if row is None or _expired(row, time.time()):
+            return None
+        return _record(row)
+
+    def request(self, task_id: str) -> RequestSnapshot | None:
+        with self._read() as db:
+            row = db.execute(
+                "SELECT request_environ, request_body FROM tasks WHERE id = ?", (task_id,)
+            ).fetchone()
+        if row is None or row[0] is None:
+            return None
+        environ = {str(k): str(v) for k, v in json.loads(row[0]).items()}
+        return RequestSnapshot(environ, bytes(row[1]))
+
+    # -- transitions ---------------------------------------------------------
+
+    def start(self, task_id: str, worker: str) -> TaskRecord | None:
+        with self._write() as db:
+            updated = db.execute(
+                "UPDATE tasks SET status = 'running', started_at = ?, attempts = attempts + 1"
+                " WHERE id = ? AND status = 'queued' AND worker = ?",
+                (time.time(), task_id, worker),
+            ).rowcount
+            if not updated:
+                return None
+            row = db.execute(f"SELECT {COLUMNS} FROM tasks WHERE id = ?", (task_id,)).fetchone()
+        return _record(row)
+
+    def finish(
+        self, task_id: str, worker: str, status: TaskStatus, response: StoredResponse
+    ) -> bool:
+        if not status.is_final:
+            raise ValueError(f"status must be final, got {status.value!r}")
+        with self._write() as db:
+            settled = _settle(
+                db,
+                "id = ? AND status = 'running' AND worker = ?",
+                (task_id, worker),
+                status,
+                response,
+            )
+        if settled:
+            self._state().wakeups.publish([task_id])
+        return settled
+
+    def fail(self, task_id: str, response: StoredResponse) -> bool:
+        with self._write() as db:
+            settled = _settle(db, f"id = ? AND {PENDING}", (task_id,), TaskStatus.FAILED, response)
+        if settled:
+            self._state().wakeups.publish([task_id])
+        return settled
+
+    def wait(self, task_id: str, timeout: float) -> TaskRecord | None:
+        if timeout <= 0:
+            return self.get(task_id)
+        deadline = time.monotonic() + timeout
+        # Subscribe first, then read: a completion after the read always wakes us.
+        with self._state().wakeups.subscribe(task_id) as woken:
+            while True:
+                record = self.get(task_id)
+                remaining = deadline - time.monotonic()
+                if record is None or record.status.is_final or remaining <= 0:
+                    return record
+                woken.wait(min(remaining, SAFETY_NET))
+                woken.clear()
+
+    def delete(self, task_id: str) -> bool:
+        with self._write() as db:
+            return db.execute("DELETE FROM tasks WHERE id = ?", (task_id,)).rowcount > 0
+
+    # -- leases --------------------------------------------------------------
+
+    def heartbeat(self, worker: str, lease: float) -> None:
+        with self._write() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO workers (id, lease_expires) VALUES (?, ?)",
+                (worker, time.time() + lease),
+            )
+
+    def retire(self, worker: str) -> None:
+        with self._write() as db:
+            db.execute("DELETE FROM workers WHERE id = ?", (worker,))
+
+    def reap(self, worker: str, limit: int = 100) -> list[TaskRecord]:
+        now = time.time()
+        requeued: list[TaskRecord] = []
+        failed: list[str] = []
+        with self._write() as db:
+            dead = db.execute(
+                "SELECT id FROM workers WHERE lease_expires <= ? AND id != ?"
+                " ORDER BY lease_expires LIMIT ?",
+                (now, worker, max(limit, 1)),
+            ).fetchall()
+            for (dead_worker,) in dead:
+                room = max(0, limit - len(requeued) - len(failed))
+                held = db.execute(
+                    "SELECT id, replay, request_environ IS NOT NULL FROM tasks"
+                    f" WHERE worker = ? AND {PENDING} ORDER BY created_at LIMIT ?",
+                    (dead_worker, room + 1),
+                ).fetchall()
+                for task_id, replay, has_request in held[:room]:
+                    if replay and has_request:
+                        db.execute(
+                            "UPDATE tasks SET status = 'queued', worker = ?, started_at = NULL"
+                            " WHERE id = ?",
+                            (worker, task_id),
+                        )
+                        row = db.execute(
+                            f"SELECT {COLUMNS} FROM tasks WHERE id = ?", (task_id,)
+                        ).fetchone()
+                        requeued.append(_record(row))
+                    else:
+                        response = lost_worker_response(task_id)
+                        _settle(db, "id = ?", (task_id,), TaskStatus.FAILED, response, now)
+                        failed.append(task_id)
+                if len(held) <= room:
+                    db.execute("DELETE FROM workers WHERE id = ?", (dead_worker,))
+        if failed:
+            self._state().wakeups.publish(failed)
+        return requeued
+
+    # -- expiry --------------------------------------------------------------
+
+    def expire(self, limit: int = 1000) -> int:
+        with self._write() as db:
+            return _expire(db, time.time(), limit)
+
+    def close(self) -> None:
+        """Close this process's connections and its wake-up socket."""
+        if self._closed:
+            return
+        self._closed = True
+        _registries.discard(self)
+        self._process.close()
+
+    def __len__(self) -> int:
+        with self._read() as db:
+            return self._count(db)
+
+    # -- connections and transactions ------------------------------------------
+
+    def _state(self) -> _Process:
+        if self._process.pid != os.getpid():
+            self._after_fork()
+        return self._process
+
+    def _after_fork(self) -> None:
+        """Drop what the parent process owns without closing its connections."""
+        if self._process.pid == os.getpid():
+            return
+        # Closing a SQLite connection opened in the parent is unsafe: keep it alive, unused.
+        self._inherited.append(self._process)
+        self._process.wakeups.abandon()
+        self._process = _Process(self.notify_directory)
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._closed:
+            raise RegistryUnavailable(f"SQLite registry {self.path} is closed")
+        process = self._state()
+        db: sqlite3.Connection | None = getattr(process.local, "db", None)
+        if db is not None:
+            return db
+        db = sqlite3.connect(
+            self.path,
+            timeout=self.busy_timeout,
+            isolation_level=None,
+            check_same_thread=False,  # close() closes every thread's connection
+        )
+        try:
+            db.execute("PRAGMA synchronous = NORMAL")
+        except BaseException:
+            db.close()
+            raise
+        if not process.adopt(db):
+            db.close()
+            raise RegistryUnavailable(f"SQLite registry {self.path} is closed")
+        return db
+
+    def _create_schema(self) -> None:
+        with self._errors():
+            db = self._connection()
+            (version,) = db.execute("PRAGMA user_version").fetchone()
+            if version > SCHEMA_VERSION:
+                raise RegistryUnavailable(
+                    f"SQLite registry {self.path} has schema version {version}; "
+                    f"this version of wsgi_async reads version {SCHEMA_VERSION}"
+                )
+            mode = self._use_wal(db)
+            if mode != "wal":
+                raise RegistryUnavailable(
+                    f"SQLite registry {self.path} cannot use WAL mode (got {mode!r}); "
+                    "use a local file system"
+                )
+            with self._write() as db:
+                for statement in SCHEMA:
+                    db.execute(statement)
+
+    def _use_wal(self, db: sqlite3.Connection) -> str:
+        """Switch the file to WAL mode (once for its lifetime); return the mode it is in."""
+        deadline = time.monotonic() + self.busy_timeout
+        while True:
+            try:
+                (mode,) = db.execute("PRAGMA journal_mode").fetchone()
+                if mode != "wal":
+                    (mode,) = db.execute("PRAGMA journal_mode = WAL").fetchone()
+                return str(mode)
+            except sqlite3.OperationalError as exc:
+                # Switching modes fails at once, without the busy handler, while
+                # another process opens the file: only the first start-up can meet this.
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        """Report a storage that cannot be used as :class:`RegistryUnavailable`."""
+        try:
+            yield
+        except sqlite3.OperationalError as exc:
+            raise RegistryUnavailable(f"SQLite registry {self.path} is unavailable: {exc}") from exc
+        except sqlite3.DatabaseError as exc:
+            if type(exc) is sqlite3.DatabaseError:  # corrupt, or not a database at all
+                raise RegistryUnavailable(
+                    f"SQLite registry {self.path} is unusable: {exc}"
+                ) from exc
+            if isinstance(exc, sqlite3.ProgrammingError) and self._closed:
+                raise RegistryUnavailable(f"SQLite registry {self.path} is closed") from exc
+            raise
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        with self._errors():
+            yield self._connection()
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One ``BEGIN IMMEDIATE`` transaction: committed whole or rolled back."""
+        with self._errors():
+            db = self._connection()
+            # Threads of one process queue here, where hand-over is prompt; SQLite's
+            # busy handler, which sleeps and retries, then only arbitrates between processes.
+            writing = self._state().writing
+            if not writing.acquire(timeout=self.busy_timeout):
+                raise sqlite3.OperationalError("database is locked")
+            try:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield db
+                    db.execute("COMMIT")
+                except BaseException:
+                    with contextlib.suppress(sqlite3.Error):
+                        db.execute("ROLLBACK")
+                    raise
+            finally:
+                writing.release()
+
+    @staticmethod
+    def _count(db: sqlite3.Connection) -> int:
+        (count,) = db.execute("SELECT tasks FROM counters WHERE id = 1").fetchone()
+        return int(count)
+
+
+# -- rows ----------------------------------------------------------------------
+
+
+def _record(row: tuple[Any, ...]) -> TaskRecord:
+    (
+        task_id, route, status, created_at, started_at, finished_at, worker, owner,
+        fingerprint, attempts, replay, timeout, result_ttl, response_head, response_body, _,
+    ) = row  # fmt: skip
+    response = None
+    if response_head is not None:
+        response = StoredResponse.from_parts(response_head, bytes(response_body))
+    return TaskRecord(
+        id=task_id,
+        route=route,
+        status=TaskStatus(status),
+        created_at=created_at,
+        started_at=started_at,
+        finished_at=finished_at,
+        worker=worker,
+        owner=owner,
+        fingerprint=fingerprint,
+        attempts=attempts,
+        replay=bool(replay),
+        timeout=timeout,
+        result_ttl=result_ttl,
+        response=response,
+    )
+
+
+def _expired(row: tuple[Any, ...], now: float) -> bool:
+    expires_at = row[-1]
+    return expires_at is not None and bool(expires_at <= now)
+
+
+def _settle(
+    db: sqlite3.Connection,
+    where: str,
+    params: tuple[str, ...],
+    status: TaskStatus,
+    response: StoredResponse,
+    now: float | None = None,
+) -> bool:
+    now = time.time() if now is None else now
+    cursor = db.execute(
+        "UPDATE tasks SET status = ?, response_head = ?, response_body = ?, finished_at = ?,"
+        " expires_at = ? + result_ttl, request_environ = NULL, request_body = NULL"
+        f" WHERE {where}",
+        (status.value, response.headers_json(), response.body, now, now, *params),
+    )
+    return cursor.rowcount > 0
+
+
+def _expire(db: sqlite3.Connection, now: float, limit: int) -> int:
+    cursor = db.execute(
+        "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks WHERE expires_at <= ?"
+        " ORDER BY expires_at LIMIT ?)",
+        (now, limit),
+    )
+    return cursor.rowcount
+
+
+# -- per-process state -----------------------------------------------------------
+
+
+class _Process:
+    """What one process owns: its threads' connections and its wake-up socket."""
+
+    def __init__(self, notify_directory: str) -> None:
+        self.pid = os.getpid()
+        self.local = threading.local()
+        self.wakeups = _Wakeups(notify_directory)
+        self.closed = False
+        self.writing = threading.Lock()
+        self._lock = threading.Lock()
+        self._connections: list[tuple[threading.Thread, sqlite3.Connection]] = []
+
+    def adopt(self, db: sqlite3.Connection) -> bool:
+        """Keep the calling thread's new connection; close those of finished threads."""
+        with self._lock:
+            if self.closed:
+                return False
+            finished = [c for t, c in self._connections if not t.is_alive()]
+            self._connections = [(t, c) for t, c in self._connections if t.is_alive()]
+            self._connections.append((threading.current_thread(), db))
+        self.local.db = db
+        for stale in finished:
+            stale.close()
+        return True
+
+    def close(self) -> None:
+        with self._lock:
+            self.closed = True
+            connections, self._connections = self._connections, []
+        for _, db in connections:
+            db.close()
+        self.wakeups.close()
+
+
+class _Wakeups:
+    """Wakes this process's waiters when a task settles here or in another process."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self._lock = threading.Lock()
+        self._waiters: dict[str, list[threading.Event]] = {}
+        self._socket: socket.socket | None = None
+        self._sender: socket.socket | None = None
+        self._address = ""
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._broken = False
+
+    @contextlib.contextmanager
+    def subscribe(self, task_id: str) -> Iterator[threading.Event]:
+        """An event set whenever ``task_id`` settles, for the duration of the block."""
+        self._listen()
+        event = threading.Event()
+        token = _token(task_id)
+        with self._lock:
+            self._waiters.setdefault(token, []).append(event)
+        try:
+            yield event
+        finally:
+            with self._lock:
+                events = self._waiters.get(token, [])
+                if event in events:
+                    events.remove(event)
+                if not events:
+                    self._waiters.pop(token, None)
+
+    def publish(self, task_ids: Sequence[str]) -> None:
+        """Wake the waiters of ``task_ids`` in this and every other process."""
+        tokens = [_token(task_id) for task_id in task_ids]
+        self._wake(tokens)
+        sender = self._sender_socket()
+        if sender is None:
+            return
+        message = "\n".join(tokens).encode()
+        try:
+            entries = list(os.scandir(self.directory))
+        except OSError:
+            return
+        for entry in entries:
+            if not entry.name.endswith(".sock") or entry.path == self._address:
+                continue
+            try:
+                sender.sendto(message, entry.path)
+            except ConnectionRefusedError:  # nobody listens: the process is gone
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+            except OSError:  # full queue, vanished, not a socket: the safety net covers it
+                pass
+
+    def close(self) -> None:
+        with self._lock:
+            self._stopping = True
+            listener, self._socket = self._socket, None
+            sender, self._sender = self._sender, None
+            thread, self._thread = self._thread, None
+            events = [event for events in self._waiters.values() for event in events]
+        for event in events:
+            event.set()
+        if listener is not None and thread is not None:
+            with contextlib.suppress(OSError):
+                # Ends the blocking recv(); if the queue is full, draining it does.
+                listener.sendto(b"", socket.MSG_DONTWAIT, self._address)
+            thread.join(timeout=2.0)
+            listener.close()
+            with contextlib.suppress(OSError):
+                os.unlink(self._address)
+        if sender is not None:
+            sender.close()
+
+    def abandon(self) -> None:
+        """Close inherited sockets after a fork, leaving the parent's socket file alone."""
+        for sock in (self._socket, self._sender):
+            if sock is not None:
+                sock.close()
+
+    def _listen(self) -> None:
+        with self._lock:
+            if self._socket is not None or self._broken or self._stopping:
+                return
+            name = f"{os.getpid():x}-{secrets.token_hex(4)}.sock"
+            address = os.path.join(self.directory, name)
+            try:
+                os.makedirs(self.directory, exist_ok=True)
+                listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            except (OSError, AttributeError) as exc:
+                self._give_up(exc)
+                return
+            try:
+                listener.bind(address)
+            except OSError as exc:
+                listener.close()
+                self._give_up(exc)
+                return
+            self._socket, self._address = listener, address
+            self._thread = threading.Thread(
+                target=self._receive, args=(listener,), name="wsgi-async-wakeups", daemon=True
+            )
+            self._thread.start()
+
+    def _give_up(self, exc: BaseException) -> None:
+        self._broken = True
+        log.warning(
+            "wsgi_async: cannot listen for task completions in %s (%s); waits poll every %ss",
+            self.directory,
+            exc,
+            SAFETY_NET,
+        )
+
+    def _receive(self, listener: socket.socket) -> None:
+        while not self._stopping:
+            try:
+                messages = [listener.recv(65536)]
+                while True:
+                    messages.append(listener.recv(65536, socket.MSG_DONTWAIT))
+            except BlockingIOError:
+                pass
+            except OSError:
+                return
+            if len(messages) >= BURST:
+                self._wake(None)
+            else:
+                self._wake(b"\n".join(messages).decode("utf-8", "replace").split("\n"))
+
+    def _wake(self, tokens: Iterable[str] | None) -> None:
+        """Wake the waiters of ``tokens``, or every waiter for ``None``."""
+        with self._lock:
+            if tokens is None:
+                tokens = list(self._waiters)
+            for token in tokens:
+                for event in self._waiters.get(token, ()):
+                    event.set()
+
+    def _sender_socket(self) -> socket.socket | None:
+        with self._lock:
+            if self._sender is None and not self._stopping:
+                try:
+                    self._sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                except (OSError, AttributeError):
+                    return None
+                self._sender.setblocking(False)
+            return self._sender
+
+
+def _token(task_id: str) -> str:
+    """What a wake-up carries: task ids are bearer secrets, their hashes are not."""
+    return hashlib.blake2b(task_id.encode("utf-8", "surrogatepass"), digest_size=12).hexdigest()
+
+
+def _notify_directory(path: str) -> str:
+    """``<db>.notify`` beside the database, or a short stand-in when that is too long."""
+    real = os.path.realpath(path)
+    directory = real + ".notify"
+    if len(os.fsencode(directory)) + MAX_SOCKET_NAME <= MAX_SOCKET_PATH:
+        return directory
+    digest = hashlib.sha256(os.fsencode(real)).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), f"wsgi-async-{digest}.notify")
+
+
+_registries: weakref.WeakSet[SQLiteRegistry] = weakref.WeakSet()
+
+
+def _reset_after_fork() -> None:
+    for registry in list(_registries):
+        registry._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)

@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from .capture import capture
 from .errors import RegistryError, ResponseError, ResultTooLarge, TaskTimeout
@@ -28,7 +29,9 @@ from .types import WSGIApplication
 
 log = logging.getLogger("wsgi_async")
 
+# Backoff, in seconds, while the registry is unavailable (about 16 s in all).
 STORE_RETRIES = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -101,41 +104,43 @@ class TaskRunner:
 
     def _start(self, task_id: str, worker: str) -> TaskRecord | None:
         """Claim the task, retrying while the registry is unavailable."""
-        for attempt, delay in enumerate((*STORE_RETRIES, None)):
-            try:
-                record = self.registry.start(task_id, worker)
-                if record is None and attempt:
-                    # The previous try may have started it before its reply was lost.
-                    current = self.registry.get(task_id)
-                    if current and current.status is TaskStatus.RUNNING and (
-                        current.worker == worker
-                    ):
-                        record = current
-                return record
-            except RegistryError as exc:
-                if delay is None:
-                    log.error("wsgi_async: task %s could not be started: %s", task_id, exc)
-                    return None
-                log.warning("wsgi_async: starting task %s failed (%s); retrying", task_id, exc)
-                time.sleep(delay)
-        return None
+
+        def start(retried: bool) -> TaskRecord | None:
+            record = self.registry.start(task_id, worker)
+            if record is None and retried:
+                # The previous try may have started it before its reply was lost.
+                current = self.registry.get(task_id)
+                if current and current.status is TaskStatus.RUNNING and current.worker == worker:
+                    return current
+            return record
+
+        return _retrying(start, f"starting task {task_id}")
 
     def _store(
         self, task_id: str, worker: str, status: TaskStatus, response: StoredResponse
     ) -> bool:
         """Store the outcome, retrying while the registry is unavailable."""
-        for attempt, delay in enumerate((*STORE_RETRIES, None)):
-            try:
-                stored = self.registry.finish(task_id, worker, status, response)
-                if not stored and attempt:
-                    # The previous try may have stored it before its reply was lost.
-                    current = self.registry.get(task_id)
-                    stored = current is not None and current.response == response
-                return stored
-            except RegistryError as exc:
-                if delay is None:
-                    log.error("wsgi_async: the outcome of task %s was lost: %s", task_id, exc)
-                    return False
-                log.warning("wsgi_async: storing task %s failed (%s); retrying", task_id, exc)
-                time.sleep(delay)
-        return False
+
+        def finish(retried: bool) -> bool:
+            stored = self.registry.finish(task_id, worker, status, response)
+            if not stored and retried:
+                # The previous try may have stored it before its reply was lost.
+                current = self.registry.get(task_id)
+                return current is not None and current.response == response
+            return stored
+
+        return bool(_retrying(finish, f"storing the outcome of task {task_id}"))
+
+
+def _retrying(call: Callable[[bool], T], what: str) -> T | None:
+    """``call(retried)`` until the registry answers; ``None`` after the last retry."""
+    for attempt, delay in enumerate((*STORE_RETRIES, None)):
+        try:
+            return call(attempt > 0)
+        except RegistryError as exc:
+            if delay is None:
+                log.error("wsgi_async: %s failed for good: %s", what, exc)
+                return None
+            log.warning("wsgi_async: %s failed (%s); retrying", what, exc)
+            time.sleep(delay)
+    return None

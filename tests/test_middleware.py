@@ -666,3 +666,28 @@ def test_memory_registry_under_a_multiprocess_server_warns_once(
             app.post("/async", b"", extra_environ={"wsgi.multiprocess": True}, status=202)
     warnings = [r for r in caplog.records if "private to each process" in r.getMessage()]
     assert len(warnings) == 1
+
+
+def test_no_worker_thread_can_start_is_a_clean_503(
+    cleanup: list[AsyncMiddleware], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    middleware, app = make(cleanup, echo_app)
+
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)  # the OS is out of threads
+    res = app.post("/async", b"", status=503)  # the supervisor cannot start
+    assert res.json["detail"] == "No worker could be started."
+    assert len(middleware.registry) == 0  # type: ignore[arg-type]
+    monkeypatch.undo()
+    middleware.supervisor.ensure_started()
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    res = app.post("/async", b"", status=503)  # no pool thread can start
+    assert res.headers["Retry-After"] == "1"
+    assert res.json["detail"] == "No worker could be started."
+    monkeypatch.undo()
+    assert middleware.pool.free_slots == middleware.pool.capacity
+    assert len(middleware.registry) == 1  # type: ignore[arg-type]  # failed, not queued
+    location = app.post("/async", b"ok").headers["Location"]
+    assert wait_result(app, location, status=201).body == b"echo:ok"

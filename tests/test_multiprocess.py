@@ -29,6 +29,16 @@ APPS = Path(__file__).parent / "apps"
 LEASE = 1.5
 
 
+def _no_control_socket() -> list[str]:
+    """gunicorn 23+ opens a shared control socket in the home folder unless told not to."""
+    help_text = subprocess.run([sys.executable, "-m", "gunicorn", "--help"],
+                               capture_output=True, text=True, timeout=30).stdout
+    return ["--no-control-socket"] if "--no-control-socket" in help_text else []
+
+
+NO_CONTROL_SOCKET = _no_control_socket()
+
+
 class Server:
     """A gunicorn with three worker processes on a free loopback port."""
 
@@ -40,7 +50,8 @@ class Server:
         self._log = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "-w", "3", "-k", "gthread", "--threads", "4",
-             "-b", f"127.0.0.1:{self.port}", "--graceful-timeout", "3", "mpapp:application"],
+             "-b", f"127.0.0.1:{self.port}", "--graceful-timeout", "3",
+             *NO_CONTROL_SOCKET, "mpapp:application"],
             env=env, stdout=self._log, stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 20

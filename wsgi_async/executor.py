@@ -105,12 +105,18 @@ class WorkerPool:
         """Queue ``job`` into a place already reserved."""
         with self._lock:
             if self._idle == 0 and len(self._threads) < self.max_workers:
-                check_uwsgi_threads()
                 thread = threading.Thread(
                     target=self._work, name=f"{self.name}-{len(self._threads)}", daemon=True
                 )
-                self._threads.append(thread)
-                thread.start()
+                try:
+                    thread.start()
+                except RuntimeError:
+                    if not self._threads:
+                        raise
+                    log.warning("wsgi_async: could not start another worker thread; "
+                                "the job waits for a busy one")
+                else:
+                    self._threads.append(thread)
             else:
                 self._idle -= 1
             self._queue.put(job)

@@ -32,6 +32,8 @@ from .types import StartResponse, WSGIApplication, WSGIEnvironment
 
 log = logging.getLogger("wsgi_async")
 
+NO_THREAD = "No worker could be started."
+
 
 def new_task_id() -> str:
     """A URL-safe id with 192 bits from :mod:`secrets`."""
@@ -176,6 +178,10 @@ class AsyncMiddleware:
             log.error("wsgi_async: refused a task, the registry is unavailable: %s", exc)
             return send_error(environ, start_response, 503, "The task registry is unavailable.",
                               retry)
+        except RuntimeError as exc:  # the supervisor's thread could not be started
+            self.pool.release()
+            log.error("wsgi_async: refused a task: %s", exc)
+            return send_error(environ, start_response, 503, NO_THREAD, retry)
         except BaseException:
             self.pool.release()
             raise
@@ -197,7 +203,13 @@ class AsyncMiddleware:
                 "server runs several: polls may reach another process and get 404. "
                 "Use registry='sqlite:///path/tasks.db' or 'redis://host:port/db'."
             )
-        self.pool.put(_Job(self, stored.id, request, multiprocess))
+        try:
+            self.pool.put(_Job(self, stored.id, request, multiprocess))
+        except RuntimeError as exc:  # no thread could be started
+            self.pool.release()
+            log.error("wsgi_async: task %s could not be queued: %s", stored.id, exc)
+            self.registry.fail(stored.id, error_response(503, NO_THREAD))
+            return send_error(environ, start_response, 503, NO_THREAD, retry)
         log.info("wsgi_async: task %s accepted route=%s", stored.id, stored.route)
         return self._accepted(environ, start_response, stored, prefer)
 

@@ -55,10 +55,11 @@ class Supervisor:
             if self._thread is not None or self._stopped:
                 return
             self.registry.heartbeat(self.worker_id(), self.lease_time)
-            self._thread = threading.Thread(
+            thread = threading.Thread(
                 target=self._loop, name="wsgi-async-supervisor", daemon=True
             )
-            self._thread.start()
+            thread.start()
+            self._thread = thread
 
     def watch(self, task_id: str, deadline: float) -> None:
         """Fail ``task_id`` with a 504 at ``deadline`` (``time.monotonic``) unless it ended."""

@@ -691,3 +691,20 @@ def test_no_worker_thread_can_start_is_a_clean_503(
     assert len(middleware.registry) == 1  # type: ignore[arg-type]  # failed, not queued
     location = app.post("/async", b"ok").headers["Location"]
     assert wait_result(app, location, status=201).body == b"echo:ok"
+
+
+def test_first_requests_at_once_agree_on_the_worker_id(cleanup: list[AsyncMiddleware]) -> None:
+    middleware, _ = make(cleanup, echo_app)
+    barrier = threading.Barrier(16)
+    ids: list[str] = []
+
+    def first_call() -> None:
+        barrier.wait(5)
+        ids.append(middleware.worker_id())
+
+    threads = [threading.Thread(target=first_call) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(5)
+    assert len(ids) == 16 and len(set(ids)) == 1

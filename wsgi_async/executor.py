@@ -104,7 +104,9 @@ class WorkerPool:
     def put(self, job: Job) -> None:
         """Queue ``job`` into a place already reserved."""
         with self._lock:
-            if self._idle == 0 and len(self._threads) < self.max_workers:
+            if self._idle > 0:
+                self._idle -= 1
+            elif len(self._threads) < self.max_workers:
                 thread = threading.Thread(
                     target=self._work, name=f"{self.name}-{len(self._threads)}", daemon=True
                 )
@@ -117,8 +119,6 @@ class WorkerPool:
                                 "the job waits for a busy one")
                 else:
                     self._threads.append(thread)
-            else:
-                self._idle -= 1
             self._queue.put(job)
 
     def _work(self) -> None:

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import secrets
+import threading
 import weakref
 from collections.abc import Iterable
 from typing import Any
@@ -32,7 +33,20 @@ from .types import StartResponse, WSGIApplication, WSGIEnvironment
 
 log = logging.getLogger("wsgi_async")
 
+BUSY = "The server is busy: every worker is taken and the queue is full."
+FULL = "The server holds too many tasks; try again later."
+UNAVAILABLE = "The task registry is unavailable."
 NO_THREAD = "No worker could be started."
+
+
+class Refused(Exception):
+    """A task cannot be accepted now; the client should retry (503)."""
+
+    def __init__(self, detail: str, reason: str, level: int) -> None:
+        super().__init__(reason)
+        self.detail = detail
+        self.reason = reason
+        self.level = level
 
 
 def new_task_id() -> str:
@@ -89,6 +103,7 @@ class AsyncMiddleware:
         self.registry = self._open(registry)
         self._status_prefix = self.options.status_path + "/"
         self._worker: tuple[int, str] = (0, "")
+        self._worker_lock = threading.Lock()
         self._warned_multiprocess = False
         self.pool = WorkerPool(self.options.max_workers, self.options.max_queued)
         self.supervisor = Supervisor(
@@ -111,9 +126,14 @@ class AsyncMiddleware:
     def worker_id(self) -> str:
         """This process's id in the registry; a forked child gets its own."""
         pid = os.getpid()
-        if self._worker[0] != pid:
-            self._worker = (pid, f"{pid}-{secrets.token_hex(8)}")
-        return self._worker[1]
+        worker = self._worker
+        if worker[0] != pid:
+            # Two first requests at once must not each make up an id.
+            with self._worker_lock:
+                if self._worker[0] != pid:
+                    self._worker = (pid, f"{pid}-{secrets.token_hex(8)}")
+                worker = self._worker
+        return worker[1]
 
     # -- WSGI ------------------------------------------------------------------
 
@@ -154,46 +174,65 @@ class AsyncMiddleware:
             timeout=self.options.timeout_of(route),
             result_ttl=self.options.result_ttl_of(route),
         )
+        scoped = None if key is None else scoped_key(owner, key)
         try:
-            self.pool.reserve()
-        except QueueFull as exc:
-            log.warning("wsgi_async: refused a task for %s: %s", route.pattern.pattern, exc)
-            return send_error(environ, start_response, 503,
-                              "The server is busy: every worker is taken and the queue is full.",
-                              retry)
-        try:
-            self.supervisor.ensure_started()
-            stored = self.registry.create(
-                record,
-                request if route.replay else None,
-                None if key is None else scoped_key(owner, key),
-            )
-        except RegistryFull as exc:
-            self.pool.release()
-            log.warning("wsgi_async: refused a task: %s", exc)
-            return send_error(environ, start_response, 503,
-                              "The server holds too many tasks; try again later.", retry)
-        except RegistryError as exc:
-            self.pool.release()
-            log.error("wsgi_async: refused a task, the registry is unavailable: %s", exc)
-            return send_error(environ, start_response, 503, "The task registry is unavailable.",
-                              retry)
-        except RuntimeError as exc:  # the supervisor's thread could not be started
-            self.pool.release()
-            log.error("wsgi_async: refused a task: %s", exc)
-            return send_error(environ, start_response, 503, NO_THREAD, retry)
-        except BaseException:
-            self.pool.release()
-            raise
+            stored = self._enqueue(record, request, scoped, environ)
+        except Refused as refusal:
+            log.log(refusal.level, "wsgi_async: refused a task for %s: %s",
+                    route.pattern.pattern, refusal.reason)
+            return send_error(environ, start_response, 503, refusal.detail, retry)
         prefer = parse_prefer(environ)
         if stored.id != record.id:
-            self.pool.release()
             if stored.fingerprint != record.fingerprint:
                 return send_error(environ, start_response, 422,
                                   "This Idempotency-Key was already used for a different request.")
             log.info("wsgi_async: task %s repeated by its Idempotency-Key", stored.id)
             return self._accepted(environ, start_response, stored, prefer)
-        multiprocess = bool(environ.get("wsgi.multiprocess", False))
+        log.info("wsgi_async: task %s accepted route=%s", stored.id, stored.route)
+        return self._accepted(environ, start_response, stored, prefer)
+
+    def _enqueue(
+        self,
+        record: TaskRecord,
+        request: RequestSnapshot,
+        key: str | None,
+        environ: WSGIEnvironment,
+    ) -> TaskRecord:
+        """Store ``record`` and queue it, or return the task already under ``key``.
+
+        A place in the pool is reserved first, so that a refusal (:class:`Refused`)
+        leaves nothing stored and nothing queued.
+        """
+        try:
+            self.pool.reserve()
+        except QueueFull as exc:
+            raise Refused(BUSY, str(exc), logging.WARNING) from None
+        queued = False
+        try:
+            self.supervisor.ensure_started()
+            stored = self.registry.create(record, request if record.replay else None, key)
+            if stored.id != record.id:
+                return stored
+            multiprocess = bool(environ.get("wsgi.multiprocess", False))
+            self._warn_if_private(multiprocess)
+            try:
+                self.pool.put(_Job(self, stored.id, request, multiprocess))
+            except RuntimeError:
+                self.registry.fail(stored.id, error_response(503, NO_THREAD, id=stored.id))
+                raise
+            queued = True
+            return stored
+        except RegistryFull as exc:
+            raise Refused(FULL, str(exc), logging.WARNING) from None
+        except RegistryError as exc:
+            raise Refused(UNAVAILABLE, str(exc), logging.ERROR) from None
+        except RuntimeError as exc:  # no thread could be started
+            raise Refused(NO_THREAD, str(exc), logging.ERROR) from None
+        finally:
+            if not queued:
+                self.pool.release()
+
+    def _warn_if_private(self, multiprocess: bool) -> None:
         if multiprocess and not self._warned_multiprocess and isinstance(
             self.registry, MemoryRegistry
         ):
@@ -203,15 +242,6 @@ class AsyncMiddleware:
                 "server runs several: polls may reach another process and get 404. "
                 "Use registry='sqlite:///path/tasks.db' or 'redis://host:port/db'."
             )
-        try:
-            self.pool.put(_Job(self, stored.id, request, multiprocess))
-        except RuntimeError as exc:  # no thread could be started
-            self.pool.release()
-            log.error("wsgi_async: task %s could not be queued: %s", stored.id, exc)
-            self.registry.fail(stored.id, error_response(503, NO_THREAD))
-            return send_error(environ, start_response, 503, NO_THREAD, retry)
-        log.info("wsgi_async: task %s accepted route=%s", stored.id, stored.route)
-        return self._accepted(environ, start_response, stored, prefer)
 
     def _accepted(
         self, environ: WSGIEnvironment, start_response: StartResponse, record: TaskRecord,

@@ -14,10 +14,11 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from wsgi_async.registry import MemoryRegistry, Registry
+from wsgi_async.registry import MemoryRegistry, Registry, TaskRecord
 
 REDIS_URL = os.environ.get("WSGI_ASYNC_TEST_REDIS", "redis://127.0.0.1:6379/15")
 IN_CI = bool(os.environ.get("CI"))
@@ -59,6 +60,11 @@ def make_registry(kind: str, tmp_path: Path, max_tasks: int = 10_000) -> Registr
         prefix = f"wsgi-async-test:{secrets.token_hex(6)}:"
         return RedisRegistry.from_url(REDIS_URL, max_tasks=max_tasks, prefix=prefix)
     raise AssertionError(kind)
+
+
+def new_task(worker: str = "w1", **fields: Any) -> TaskRecord:
+    """A queued task record held by ``worker``, with a fresh id."""
+    return TaskRecord(id=secrets.token_urlsafe(16), route="^/r", worker=worker, **fields)
 
 
 BACKENDS = ["memory", "sqlite", "redis"]

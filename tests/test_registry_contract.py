@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import secrets
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import _cleanup, make_registry
+from conftest import _cleanup, make_registry, new_task
 from wsgi_async.registry import (
     Registry,
     RegistryFull,
     RequestSnapshot,
     StoredResponse,
-    TaskRecord,
     TaskStatus,
 )
 
@@ -25,10 +23,6 @@ OK = StoredResponse(
     bytes(range(256)) * 4,
 )
 BOOM = StoredResponse("500 Internal Server Error", (("Content-Type", "text/plain"),), b"boom")
-
-
-def new_task(worker: str = "w1", **fields: object) -> TaskRecord:
-    return TaskRecord(id=secrets.token_urlsafe(16), route="^/r", worker=worker, **fields)  # type: ignore[arg-type]
 
 
 def test_create_and_get_round_trip(registry: Registry) -> None:

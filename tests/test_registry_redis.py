@@ -24,6 +24,7 @@ from conftest import (
     RedisServer,
     _cleanup,
     make_registry,
+    new_task,
     require_redis,
 )
 from wsgi_async.registry import (
@@ -40,10 +41,6 @@ pytestmark = pytest.mark.redis
 OK = StoredResponse("200 OK", (("Content-Type", "application/octet-stream"),), b"\x00ok\xff")
 BOOM = StoredResponse("500 Internal Server Error", (("Content-Type", "text/plain"),), b"boom")
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def new_task(worker: str = "w1", **fields: Any) -> TaskRecord:
-    return TaskRecord(id=secrets.token_urlsafe(16), route="^/r", worker=worker, **fields)
 
 
 @pytest.fixture

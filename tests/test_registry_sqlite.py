@@ -6,7 +6,6 @@ import math
 import multiprocessing
 import os
 import random
-import secrets
 import signal
 import socket
 import sqlite3
@@ -22,12 +21,12 @@ from typing import Any
 
 import pytest
 
+from conftest import new_task
 from wsgi_async.registry import (
     RegistryFull,
     RegistryUnavailable,
     RequestSnapshot,
     StoredResponse,
-    TaskRecord,
     TaskStatus,
     open_registry,
 )
@@ -35,10 +34,6 @@ from wsgi_async.registry.sqlite import SQLiteRegistry
 
 OK = StoredResponse("200 OK", (("Content-Type", "text/plain"),), b"\x00done\xff")
 SPAWN = multiprocessing.get_context("spawn")
-
-
-def new_task(worker: str = "w1", **fields: Any) -> TaskRecord:
-    return TaskRecord(id=secrets.token_urlsafe(16), route="^/r", worker=worker, **fields)
 
 
 def answer(text: str) -> StoredResponse:

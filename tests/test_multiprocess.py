@@ -42,7 +42,7 @@ NO_CONTROL_SOCKET = _no_control_socket()
 class Server:
     """A gunicorn with three worker processes on a free loopback port."""
 
-    def __init__(self, registry: str, marks: Path) -> None:
+    def __init__(self, registry: str, marks: Path, *extra: str) -> None:
         self.port = free_port()
         env = dict(os.environ, PYTHONPATH=str(APPS), WSGI_ASYNC_TEST_REGISTRY=registry,
                    WSGI_ASYNC_TEST_LEASE=str(LEASE), WSGI_ASYNC_TEST_MARKS=str(marks))
@@ -51,7 +51,7 @@ class Server:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "-w", "3", "-k", "gthread", "--threads", "4",
              "-b", f"127.0.0.1:{self.port}", "--graceful-timeout", "3",
-             *NO_CONTROL_SOCKET, "mpapp:application"],
+             *NO_CONTROL_SOCKET, *extra, "mpapp:application"],
             env=env, stdout=self._log, stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 20
@@ -86,6 +86,14 @@ class Server:
         self._log.close()
 
 
+def drop_keys(prefix: str) -> None:
+    import redis
+
+    with redis.Redis.from_url(REDIS_URL) as keys:
+        for key in keys.scan_iter(match=prefix + "*", count=1000):
+            keys.delete(key)
+
+
 @pytest.fixture(params=["sqlite", "redis"])
 def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Server]:
     prefix = f"wsgi-async-mp-{secrets.token_hex(4)}:"
@@ -100,11 +108,7 @@ def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Server]:
     finally:
         srv.stop()
         if request.param == "redis":
-            import redis
-
-            with redis.Redis.from_url(REDIS_URL) as keys:
-                for key in keys.scan_iter(match=prefix + "*", count=1000):
-                    keys.delete(key)
+            drop_keys(prefix)
 
 
 def poll_final(srv: Server, location: str, limit: float = 30) -> tuple[int, dict[str, str], bytes]:
@@ -189,3 +193,31 @@ def test_a_replayable_task_runs_again_elsewhere(server: Server, tmp_path: Path) 
     assert headers["X-Attempt"] == "2"
     assert int(headers["X-Pid"]) != first
     assert running_pid(tmp_path, task_id, attempt=2) != first
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_preload_forks_after_the_middleware_is_built(kind: str, tmp_path: Path) -> None:
+    """With --preload the middleware (and its registry) is built in the master."""
+    prefix = f"wsgi-async-mp-{secrets.token_hex(4)}:"
+    if kind == "redis":
+        require_redis()
+        registry = f"{REDIS_URL}?prefix={prefix}"
+    else:
+        registry = f"sqlite:///{tmp_path / 'tasks.db'}"
+    srv = Server(registry, tmp_path, "--preload")
+    try:
+        locations = []
+        for index in range(30):
+            status, headers, _ = srv.request("POST", "/work", str(index).encode())
+            assert status == 202
+            locations.append(headers["Location"])
+        pids = set()
+        for index, location in enumerate(locations):
+            status, headers, body = poll_final(srv, location)
+            assert (status, body) == (200, b"done:" + str(index).encode())
+            pids.add(headers["X-Pid"])
+        assert str(srv.process.pid) not in pids  # the master never runs tasks
+    finally:
+        srv.stop()
+        if kind == "redis":
+            drop_keys(prefix)

@@ -77,6 +77,7 @@ def test_bad_routes(routes: Any, error: type[Exception], message: str) -> None:
         ("max_queued", -3, ValueError),
         ("max_body_size", "10MB", TypeError),
         ("max_result_size", 0, ValueError),
+        ("max_pending_bytes", -1, ValueError),
         ("result_ttl", float("nan"), ValueError),
         ("task_timeout", float("inf"), ValueError),
         ("retry_after", 0.5, TypeError),
@@ -96,6 +97,11 @@ def test_bad_options_name_the_option_and_value(
     assert name in str(info.value)
     if name != "max_workerz":
         assert repr(value) in str(info.value)
+
+
+def test_pending_bytes_must_hold_one_body() -> None:
+    with pytest.raises(ValueError, match="max_pending_bytes .1000. must be at least max_body_size"):
+        AsyncMiddleware(app, routes=["^/"], max_body_size=2000, max_pending_bytes=1000)
 
 
 def test_bad_registry() -> None:

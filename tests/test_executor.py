@@ -13,8 +13,9 @@ from wsgi_async.executor import WorkerPool
 
 
 class Job:
-    def __init__(self, gate: threading.Event | None = None) -> None:
+    def __init__(self, gate: threading.Event | None = None, size: int = 0) -> None:
         self.gate = gate
+        self.size = size
         self.ran = threading.Event()
         self.cancelled: str | None = None
         self.thread: str | None = None
@@ -121,3 +122,20 @@ def test_a_pool_inherited_over_fork_is_rebuilt_in_the_child() -> None:
         os.waitpid(pid, 0)
         gate.set()
         pool.shutdown()
+
+
+def test_bytes_held_by_pending_jobs_are_bounded() -> None:
+    pool = WorkerPool(max_workers=1, max_queued=10, max_pending_bytes=100)
+    gate = threading.Event()
+    first, second = Job(gate, size=60), Job(gate, size=40)
+    pool.submit(first)
+    pool.submit(second)
+    with pytest.raises(QueueFull, match="hold 100 bytes of request bodies"):
+        pool.submit(Job(size=1))
+    gate.set()
+    assert first.ran.wait(5) and second.ran.wait(5)
+    deadline = time.monotonic() + 5
+    while pool.free_slots != 11 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    pool.submit(Job(size=100))  # the budget is back
+    pool.shutdown()

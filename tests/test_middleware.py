@@ -348,6 +348,20 @@ def test_full_pool_and_queue_answer_503_and_enqueue_nothing(cleanup: list[AsyncM
         gate.opened.set()
 
 
+def test_bodies_held_by_pending_tasks_are_bounded(cleanup: list[AsyncMiddleware]) -> None:
+    gate = Gate()
+    middleware, app = make(cleanup, gate, max_workers=1, max_body_size=100, max_pending_bytes=150)
+    try:
+        app.post("/async", b"x" * 100, status=202)
+        res = app.post("/async", b"y" * 60, status=503)
+        assert res.headers["Retry-After"] == "1"
+        assert "busy" in res.json["detail"]
+        app.post("/async", b"z" * 50, status=202)  # still within the budget
+        assert len(middleware.registry) == 2  # type: ignore[arg-type]
+    finally:
+        gate.opened.set()
+
+
 def test_registry_full_answers_503(cleanup: list[AsyncMiddleware]) -> None:
     gate = Gate()
     middleware, app = make(cleanup, gate, max_tasks=2)

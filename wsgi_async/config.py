@@ -50,6 +50,7 @@ class Options:
     max_queued: int = 1000
     max_body_size: int = 10 * MiB
     max_result_size: int = 100 * MiB
+    max_pending_bytes: int = 256 * MiB
     max_tasks: int = 10_000
     result_ttl: float = 300.0
     task_timeout: float | None = None
@@ -169,8 +170,8 @@ def build_options(routes: object, **options: Any) -> Options:
     if unknown:
         raise TypeError(f"unknown option(s): {sorted(unknown)}")
     checked: dict[str, Any] = {}
-    for name in ("max_workers", "max_queued", "max_body_size", "max_result_size", "max_tasks",
-                 "max_waiters", "retry_after"):
+    for name in ("max_workers", "max_queued", "max_body_size", "max_result_size",
+                 "max_pending_bytes", "max_tasks", "max_waiters", "retry_after"):
         if name in options:
             checked[name] = _positive(name, options[name], integer=True)
     for name in ("result_ttl", "max_wait", "lease_time"):
@@ -184,4 +185,10 @@ def build_options(routes: object, **options: Any) -> Options:
     if owner is not None and not callable(owner):
         raise TypeError(f"owner must be a callable taking the environ, got {owner!r}")
     checked["owner"] = owner
-    return Options(routes=parse_routes(routes), **checked)
+    built = Options(routes=parse_routes(routes), **checked)
+    if built.max_pending_bytes < built.max_body_size:
+        raise ValueError(
+            f"max_pending_bytes ({built.max_pending_bytes}) must be at least "
+            f"max_body_size ({built.max_body_size}), or no large body could ever be accepted"
+        )
+    return built

@@ -24,7 +24,14 @@ log = logging.getLogger("wsgi_async")
 
 
 class Job(Protocol):
-    """A unit of work: ``run`` it, or ``cancel`` it if the pool shuts down first."""
+    """A unit of work: ``run`` it, or ``cancel`` it if the pool shuts down first.
+
+    ``size`` is the memory it holds until it ends (its request body), counted
+    against the pool's ``max_pending_bytes``.
+    """
+
+    @property
+    def size(self) -> int: ...
 
     def run(self) -> None: ...
 
@@ -45,11 +52,22 @@ def check_uwsgi_threads() -> None:
 
 
 class WorkerPool:
-    """A fixed number of daemon threads fed by a bounded queue."""
+    """A fixed number of daemon threads fed by a bounded queue.
 
-    def __init__(self, max_workers: int, max_queued: int, name: str = "wsgi-async") -> None:
+    Two bounds hold at once: at most ``max_workers + max_queued`` jobs, and at
+    most ``max_pending_bytes`` of request bodies held by them.
+    """
+
+    def __init__(
+        self,
+        max_workers: int,
+        max_queued: int,
+        max_pending_bytes: int | None = None,
+        name: str = "wsgi-async",
+    ) -> None:
         self.max_workers = max_workers
         self.max_queued = max_queued
+        self.max_pending_bytes = max_pending_bytes
         self.name = name
         self._lock = threading.Lock()
         self._reset()
@@ -60,6 +78,7 @@ class WorkerPool:
         self._pid = os.getpid()
         self._queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._reserved = 0
+        self._bytes = 0
         self._threads: list[threading.Thread] = []
         self._idle = 0
         self._closed = False
@@ -74,8 +93,8 @@ class WorkerPool:
         with self._lock:
             return 0 if self._closed else self.capacity - self._reserved
 
-    def reserve(self) -> None:
-        """Hold a place for one job, or raise :class:`QueueFull` at the bound.
+    def reserve(self, size: int = 0) -> None:
+        """Hold a place for one job of ``size`` bytes, or raise :class:`QueueFull`.
 
         Callers reserve before they write anything elsewhere, so that a full
         pool leaves nothing behind; they then :meth:`put` or :meth:`release`.
@@ -89,16 +108,24 @@ class WorkerPool:
                 raise QueueFull(
                     f"all {self.max_workers} workers are busy and {self.max_queued} tasks wait"
                 )
+            limit = self.max_pending_bytes
+            if limit is not None and self._bytes + size > limit:
+                raise QueueFull(
+                    f"queued and running tasks hold {self._bytes} bytes of request bodies, "
+                    f"and max_pending_bytes is {limit}"
+                )
             self._reserved += 1
+            self._bytes += size
 
-    def release(self) -> None:
+    def release(self, size: int = 0) -> None:
         """Give back a place taken by :meth:`reserve` that will not be used."""
         with self._lock:
             self._reserved -= 1
+            self._bytes -= size
 
     def submit(self, job: Job) -> None:
         """Reserve a place and queue ``job``; raise :class:`QueueFull` at the bound."""
-        self.reserve()
+        self.reserve(job.size)
         self.put(job)
 
     def put(self, job: Job) -> None:
@@ -134,6 +161,7 @@ class WorkerPool:
             finally:
                 with self._lock:
                     self._reserved -= 1
+                    self._bytes -= job.size
                     self._idle += 1
 
     def shutdown(self, wait: bool = True, timeout: float | None = None) -> bool:
@@ -155,6 +183,7 @@ class WorkerPool:
                     if job is not None:
                         job.cancel("the server shut down before the task started")
                         self._reserved -= 1
+                        self._bytes -= job.size
             for _ in threads:
                 self._queue.put(None)
         if wait:

@@ -33,7 +33,7 @@ from .types import StartResponse, WSGIApplication, WSGIEnvironment
 
 log = logging.getLogger("wsgi_async")
 
-BUSY = "The server is busy: every worker is taken and the queue is full."
+BUSY = "The server is busy: its task queue is full; try again later."
 FULL = "The server holds too many tasks; try again later."
 UNAVAILABLE = "The task registry is unavailable."
 NO_THREAD = "No worker could be started."
@@ -67,6 +67,10 @@ class _Job:
         self.task_id = task_id
         self.request = request
         self.multiprocess = multiprocess
+
+    @property
+    def size(self) -> int:
+        return len(self.request.body)
 
     def run(self) -> None:
         self.middleware.runner.run(self.task_id, self.request, multiprocess=self.multiprocess)
@@ -105,7 +109,9 @@ class AsyncMiddleware:
         self._worker: tuple[int, str] = (0, "")
         self._worker_lock = threading.Lock()
         self._warned_multiprocess = False
-        self.pool = WorkerPool(self.options.max_workers, self.options.max_queued)
+        self.pool = WorkerPool(
+            self.options.max_workers, self.options.max_queued, self.options.max_pending_bytes
+        )
         self.supervisor = Supervisor(
             self.registry, self.worker_id, self.options.lease_time, self._requeued
         )
@@ -203,8 +209,9 @@ class AsyncMiddleware:
         A place in the pool is reserved first, so that a refusal (:class:`Refused`)
         leaves nothing stored and nothing queued.
         """
+        size = len(request.body)
         try:
-            self.pool.reserve()
+            self.pool.reserve(size)
         except QueueFull as exc:
             raise Refused(BUSY, str(exc), logging.WARNING) from None
         queued = False
@@ -230,7 +237,7 @@ class AsyncMiddleware:
             raise Refused(NO_THREAD, str(exc), logging.ERROR) from None
         finally:
             if not queued:
-                self.pool.release()
+                self.pool.release(size)
 
     def _warn_if_private(self, multiprocess: bool) -> None:
         if multiprocess and not self._warned_multiprocess and isinstance(

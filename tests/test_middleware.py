@@ -362,6 +362,20 @@ def test_bodies_held_by_pending_tasks_are_bounded(cleanup: list[AsyncMiddleware]
         gate.opened.set()
 
 
+def test_stored_results_are_bounded_in_memory(cleanup: list[AsyncMiddleware]) -> None:
+    _, app = make(
+        cleanup, echo_app, max_stored_bytes=3000, max_body_size=2000, max_pending_bytes=3000
+    )
+    first = app.post("/async", b"a" * 2000).headers["Location"]
+    assert wait_result(app, first, status=201).body == b"echo:" + b"a" * 2000
+    second = app.post("/async", b"b" * 2000).headers["Location"]
+    res = wait_result(app, second, status=507)
+    assert res.json["reason"] == "registry_full"
+    app.delete(first, status=204)  # frees its bytes
+    third = app.post("/async", b"c" * 2000).headers["Location"]
+    assert wait_result(app, third, status=201).body == b"echo:" + b"c" * 2000
+
+
 def test_registry_full_answers_503(cleanup: list[AsyncMiddleware]) -> None:
     gate = Gate()
     middleware, app = make(cleanup, gate, max_tasks=2)

@@ -51,6 +51,7 @@ class Options:
     max_body_size: int = 10 * MiB
     max_result_size: int = 100 * MiB
     max_pending_bytes: int = 256 * MiB
+    max_stored_bytes: int = 1024 * MiB
     max_tasks: int = 10_000
     result_ttl: float = 300.0
     task_timeout: float | None = None
@@ -171,7 +172,8 @@ def build_options(routes: object, **options: Any) -> Options:
         raise TypeError(f"unknown option(s): {sorted(unknown)}")
     checked: dict[str, Any] = {}
     for name in ("max_workers", "max_queued", "max_body_size", "max_result_size",
-                 "max_pending_bytes", "max_tasks", "max_waiters", "retry_after"):
+                 "max_pending_bytes", "max_stored_bytes", "max_tasks", "max_waiters",
+                 "retry_after"):
         if name in options:
             checked[name] = _positive(name, options[name], integer=True)
     for name in ("result_ttl", "max_wait", "lease_time"):

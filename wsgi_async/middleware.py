@@ -124,7 +124,8 @@ class AsyncMiddleware:
 
     def _open(self, registry: Registry | str) -> Registry:
         if isinstance(registry, str):
-            return open_registry(registry, max_tasks=self.options.max_tasks)
+            return open_registry(registry, max_tasks=self.options.max_tasks,
+                                 max_stored_bytes=self.options.max_stored_bytes)
         if isinstance(registry, Registry):
             return registry
         raise TypeError(f"registry must be a Registry or a URL string, got {registry!r}")

@@ -32,16 +32,20 @@ __all__ = [
 SCHEMES = ("memory", "sqlite", "redis", "rediss", "unix")
 
 
-def open_registry(url: str, *, max_tasks: int = 10_000) -> Registry:
+def open_registry(
+    url: str, *, max_tasks: int = 10_000, max_stored_bytes: int = 1024 * 1024 * 1024
+) -> Registry:
     """Open the registry that ``url`` names.
 
     ``memory://`` keeps tasks in this process; ``sqlite:///path/to/tasks.db``
     shares them between the processes of one host; ``redis://host:port/db``
     (optionally ``?prefix=myapp:`` for the key prefix) between hosts.
+    ``max_stored_bytes`` bounds the memory registry's result bodies; the
+    others keep results on disk or under Redis's own ``maxmemory``.
     """
     scheme = urlsplit(url).scheme
     if scheme == "memory":
-        return MemoryRegistry(max_tasks=max_tasks)
+        return MemoryRegistry(max_tasks=max_tasks, max_bytes=max_stored_bytes)
     if scheme == "sqlite":
         from .sqlite import SQLiteRegistry
 

@@ -3,6 +3,8 @@
 Everything lives in dicts guarded by one lock; every operation is O(1) and
 expiry costs O(expired) through a heap ordered by expiry time.  Tasks held by
 a process die with it, so this registry suits one-process servers only.
+Stored result bodies are bounded by ``max_bytes``: a result that does not fit,
+even after expiry, is replaced by a stored 507.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from .base import (
     StoredResponse,
     TaskRecord,
     TaskStatus,
+    error_response,
     lost_worker_response,
 )
 
@@ -25,10 +28,14 @@ from .base import (
 class MemoryRegistry:
     """Thread-safe, bounded in-memory registry (``memory://``)."""
 
-    def __init__(self, max_tasks: int = 10_000) -> None:
+    def __init__(self, max_tasks: int = 10_000, max_bytes: int = 1024 * 1024 * 1024) -> None:
         if max_tasks < 1:
             raise ValueError(f"max_tasks must be at least 1, got {max_tasks!r}")
+        if max_bytes < 1:
+            raise ValueError(f"max_bytes must be at least 1, got {max_bytes!r}")
         self.max_tasks = max_tasks
+        self.max_bytes = max_bytes
+        self._bytes = 0
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._tasks: dict[str, TaskRecord] = {}
@@ -185,6 +192,17 @@ class MemoryRegistry:
     def _settle_locked(
         self, record: TaskRecord, status: TaskStatus, response: StoredResponse
     ) -> None:
+        if self._bytes + len(response.body) > self.max_bytes:
+            self._expire_locked(time.time(), len(self._expiry))
+        if self._bytes + len(response.body) > self.max_bytes:
+            status, response = TaskStatus.FAILED, error_response(
+                507,
+                f"The result ({len(response.body)} bytes) does not fit in the registry: "
+                f"finished tasks already hold {self._bytes} of its {self.max_bytes} bytes.",
+                id=record.id,
+                reason="registry_full",
+            )
+        self._bytes += len(response.body)
         record.status = status
         record.response = response
         record.finished_at = time.time()
@@ -198,6 +216,8 @@ class MemoryRegistry:
         record = self._tasks.pop(task_id, None)
         if record is None:
             return False
+        if record.response is not None:
+            self._bytes -= len(record.response.body)
         self._requests.pop(task_id, None)
         key = self._key_of.pop(task_id, None)
         if key is not None and self._keys.get(key) == task_id:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from conftest import RedisServer
@@ -43,5 +45,26 @@ def test_redis_restart_mid_run(durable_redis: RedisServer) -> None:
         after = app.post("/async", b"0", status=202).headers["Location"]
         assert wait_result(app, after, status=200).body == b"slept 0"
     finally:
+        middleware.shutdown(wait=True, timeout=10)
+        middleware.registry.close()
+
+
+def test_sqlite_locked_by_another_writer(tmp_path: Path) -> None:
+    path = tmp_path / "tasks.db"
+    middleware, app = client(slow_echo, registry=f"sqlite:///{path}?busy_timeout=0.3")
+    blocker = sqlite3.connect(path, isolation_level=None)
+    try:
+        before = app.post("/async", b"0").headers["Location"]
+        assert wait_result(app, before, status=200).body == b"slept 0"
+        blocker.execute("BEGIN EXCLUSIVE")  # another process holds the write lock
+        refused = app.post("/async", b"0", status=503)
+        assert refused.headers["Retry-After"] == "1"
+        assert refused.json["detail"] == "The task registry is unavailable."
+        assert app.get(before, status=200).body == b"slept 0"  # WAL readers still read
+        blocker.execute("ROLLBACK")
+        after = app.post("/async", b"0", status=202).headers["Location"]
+        assert wait_result(app, after, status=200).body == b"slept 0"
+    finally:
+        blocker.close()
         middleware.shutdown(wait=True, timeout=10)
         middleware.registry.close()

@@ -139,3 +139,26 @@ def test_bytes_held_by_pending_jobs_are_bounded() -> None:
         time.sleep(0.01)
     pool.submit(Job(size=100))  # the budget is back
     pool.shutdown()
+
+
+def test_put_after_shutdown_is_refused() -> None:
+    pool = WorkerPool(max_workers=1, max_queued=1)
+    pool.reserve()  # a submit is storing its task...
+    pool.shutdown()  # ...when the server shuts down
+    with pytest.raises(QueueFull, match="shut down"):
+        pool.put(Job())
+    pool.release()
+
+
+def test_a_job_raising_system_exit_does_not_kill_the_worker() -> None:
+    class Exiting(Job):
+        def run(self) -> None:
+            super().run()
+            raise SystemExit(1)
+
+    pool = WorkerPool(max_workers=1, max_queued=5)
+    first, second = Exiting(), Job()
+    pool.submit(first)
+    pool.submit(second)
+    assert first.ran.wait(5) and second.ran.wait(5)
+    pool.shutdown()

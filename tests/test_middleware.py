@@ -422,6 +422,9 @@ def test_concurrent_submits_lose_nothing_and_respect_the_bound(
 # -- application failures ------------------------------------------------------------------
 
 
+SECRET_COOKIE = "session=secret-token\x01"  # a runtime value that must never be logged
+
+
 def failing(kind: str) -> Any:
     def app(environ: Environ, start_response: Any) -> Any:
         if kind == "raises":
@@ -444,6 +447,17 @@ def failing(kind: str) -> Any:
         if kind == "bad_status":
             start_response("OK", [])
             return [b"x"]
+        if kind == "newline_status":
+            start_response("200 OK\n", [])
+            return [b"x"]
+        if kind == "newline_header_name":
+            start_response("200 OK", [("X-Evil\n", "1")])
+            return [b"x"]
+        if kind == "control_in_value":
+            start_response("200 OK", [("Set-Cookie", SECRET_COOKIE)])
+            return [b"x"]
+        if kind == "system_exit":
+            raise SystemExit(3)
         raise AssertionError(kind)
 
     return app
@@ -452,13 +466,8 @@ def failing(kind: str) -> Any:
 @pytest.mark.parametrize(
     "kind",
     [
-        "raises",
-        "no_start_response",
-        "non_bytes",
-        "twice",
-        "crlf_header",
-        "non_latin1_header",
-        "bad_status",
+        "raises", "no_start_response", "non_bytes", "twice", "crlf_header", "non_latin1_header",
+        "bad_status", "newline_status", "newline_header_name", "control_in_value", "system_exit",
     ],
 )
 def test_application_failures_store_a_500(
@@ -471,6 +480,7 @@ def test_application_failures_store_a_500(
     assert res.content_type == "application/json"
     assert res.json["id"] == location.rsplit("/", 1)[1]
     assert b"Traceback" not in res.body and b"secret" not in res.body
+    assert "secret-token" not in caplog.text  # header values never reach the log
     assert res.headers["Cache-Control"] == "no-store"
     failures = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert failures and failures[0].exc_info is not None
@@ -736,3 +746,43 @@ def test_first_requests_at_once_agree_on_the_worker_id(cleanup: list[AsyncMiddle
     for thread in threads:
         thread.join(5)
     assert len(ids) == 16 and len(set(ids)) == 1
+
+
+def test_a_body_on_204_is_not_replayed(cleanup: list[AsyncMiddleware]) -> None:
+    def app(environ: Environ, start_response: Any) -> Iterable[bytes]:
+        start_response("204 No Content", [])
+        return [b"must not be sent"]
+
+    _, test_app = make(cleanup, app, validate_inner=False)
+    res = wait_result(test_app, test_app.post("/async").headers["Location"], status=204)
+    assert res.body == b""
+    assert "Content-Length" not in res.headers
+
+
+def test_a_non_ascii_digit_in_prefer_wait_is_ignored(cleanup: list[AsyncMiddleware]) -> None:
+    calls: list[int] = []
+
+    def app(environ: Environ, start_response: Any) -> Iterable[bytes]:
+        calls.append(1)
+        return echo_app(environ, start_response)
+
+    _, test_app = make(cleanup, app)
+    environ = {"HTTP_PREFER": "wait=\u00b2"}
+    res = test_app.post("/async", b"", extra_environ=environ, status=202)
+    wait_result(test_app, res.headers["Location"], status=201)
+    test_app.get(res.headers["Location"], extra_environ=environ, status=201)
+    assert calls == [1]
+
+
+def test_deleted_tasks_do_not_grow_the_expiry_heap(cleanup: list[AsyncMiddleware]) -> None:
+    from conftest import new_task
+    from wsgi_async.registry import MemoryRegistry, StoredResponse, TaskStatus
+
+    registry = MemoryRegistry(max_tasks=10)
+    ok = StoredResponse("200 OK", (), b"")
+    for _ in range(5000):
+        task = registry.create(new_task(result_ttl=86400))
+        registry.start(task.id, "w1")
+        registry.finish(task.id, "w1", TaskStatus.DONE, ok)
+        registry.delete(task.id)
+    assert len(registry._expiry) < 200

@@ -8,7 +8,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from conftest import RedisServer
+from wsgi_async import runner
 from wsgi_helpers import Environ, client, read_body, wait_result
 
 
@@ -17,6 +20,15 @@ def slow_echo(environ: Environ, start_response: Any) -> Iterable[bytes]:
     time.sleep(float(body or b"0"))
     start_response("200 OK", [("Content-Type", "text/plain")])
     return [b"slept " + body]
+
+
+def final_result(app: Any, location: str, polls: int = 5) -> Any:
+    """Long-poll until the task is final, at most ``polls`` times."""
+    for _ in range(polls):
+        res = wait_result(app, location, status="*")
+        if res.status_int != 202:
+            return res
+    raise AssertionError(f"{location} is still pending")
 
 
 def test_redis_restart_mid_run(durable_redis: RedisServer) -> None:
@@ -66,5 +78,29 @@ def test_sqlite_locked_by_another_writer(tmp_path: Path) -> None:
         assert wait_result(app, after, status=200).body == b"slept 0"
     finally:
         blocker.close()
+        middleware.shutdown(wait=True, timeout=10)
+        middleware.registry.close()
+
+
+def test_outcomes_are_settled_after_a_long_outage(
+    durable_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker gives up retrying; the supervisor stores the outcome once Redis is back."""
+    monkeypatch.setattr(runner, "STORE_RETRIES", (0.05, 0.05))
+    middleware, app = client(slow_echo, registry=durable_redis.url + "?prefix=outage:",
+                             max_workers=1, lease_time=0.6)
+    try:
+        running = app.post("/async", b"0.6").headers["Location"]
+        queued = app.post("/async", b"0").headers["Location"]
+        time.sleep(0.2)  # the first has started; the second waits for the only worker
+        durable_redis.kill()
+        time.sleep(1.5)  # both give up: the finish of the first, the start of the second
+        durable_redis.start()
+        finished = final_result(app, running)
+        assert (finished.status_int, finished.body) == (200, b"slept 0.6")
+        never_started = final_result(app, queued)
+        assert never_started.status_int == 503
+        assert "unavailable when the task was due to start" in never_started.json["detail"]
+    finally:
         middleware.shutdown(wait=True, timeout=10)
         middleware.registry.close()

@@ -19,15 +19,16 @@ from .errors import ResponseError, ResultTooLarge, TaskTimeout
 from .registry.base import StoredResponse
 from .types import OptExcInfo, WriteCallable, WSGIApplication, WSGIEnvironment
 
-_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-_STATUS = re.compile(r"^[1-5][0-9]{2} [^\r\n\x00]*$")
-_BAD_VALUE = re.compile(r"[\r\n\x00]")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_STATUS = re.compile(r"[1-5][0-9]{2} [^\x00-\x08\x0a-\x1f\x7f]*")
+# Control characters other than tab never belong in a header value (RFC 9110 5.5).
+_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _NO_BODY = (204, 304)
 
 
 def validate_status(status: object) -> str:
     """Return ``status`` if it is a PEP 3333 status line, else raise."""
-    if not isinstance(status, str) or not _STATUS.match(status):
+    if not isinstance(status, str) or not _STATUS.fullmatch(status):
         raise ResponseError(f"invalid status line {status!r}")
     try:
         status.encode("latin-1")
@@ -47,14 +48,15 @@ def validate_headers(headers: object) -> list[tuple[str, str]]:
         if not (isinstance(header, tuple) and len(header) == 2):
             raise ResponseError(f"header {header!r} is not a (name, value) tuple")
         name, value = header
-        if not isinstance(name, str) or not _TOKEN.match(name):
-            raise ResponseError(f"invalid header name {name!r}")
+        # Messages name the header, never its value: values may hold secrets.
+        if not isinstance(name, str) or not _TOKEN.fullmatch(name):
+            raise ResponseError("invalid header name (not an HTTP token)")
         if not isinstance(value, str) or _BAD_VALUE.search(value):
-            raise ResponseError(f"invalid value for header {name!r}: {value!r}")
+            raise ResponseError(f"invalid value for header {name!r} (control characters)")
         try:
             value.encode("latin-1")
         except UnicodeEncodeError:
-            raise ResponseError(f"value of header {name!r} is not latin-1: {value!r}") from None
+            raise ResponseError(f"value of header {name!r} is not latin-1") from None
         checked.append((name, value))
     return checked
 
@@ -157,7 +159,8 @@ def capture(
             close()
     if collector.status is None:
         raise ResponseError("the application returned without calling start_response")
-    body = b"".join(collector.chunks)
+    # 204 and 304 have no body (RFC 9110 6.4.1): keep none to replay.
+    body = b"" if int(collector.status[:3]) in _NO_BODY else b"".join(collector.chunks)
     collector.chunks.clear()
     headers = finalise_headers(collector.status, collector.headers, len(body))
     return StoredResponse(collector.status, headers, body)

@@ -21,7 +21,7 @@ OwnerFunc = Callable[[WSGIEnvironment], str | None]
 
 MiB = 1024 * 1024
 ROUTE_OPTIONS = frozenset({"methods", "timeout", "result_ttl", "replay"})
-_METHOD = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_METHOD = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +94,7 @@ def _methods(pattern: str, value: object) -> frozenset[str] | None:
         raise TypeError(f"routes: methods of {pattern!r} must be a list of strings, got {value!r}")
     methods = set()
     for method in value:
-        if not isinstance(method, str) or not _METHOD.match(method):
+        if not isinstance(method, str) or not _METHOD.fullmatch(method):
             raise ValueError(f"routes: invalid method {method!r} for {pattern!r}")
         methods.add(method.upper())
     if not methods:

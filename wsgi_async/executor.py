@@ -129,8 +129,14 @@ class WorkerPool:
         self.put(job)
 
     def put(self, job: Job) -> None:
-        """Queue ``job`` into a place already reserved."""
+        """Queue ``job`` into a place already reserved.
+
+        Raises :class:`QueueFull` if the pool was shut down since the place was
+        reserved, and ``RuntimeError`` if no thread at all could be started.
+        """
         with self._lock:
+            if self._closed:
+                raise QueueFull("the worker pool is shut down")
             if self._idle > 0:
                 self._idle -= 1
             elif len(self._threads) < self.max_workers:
@@ -156,7 +162,7 @@ class WorkerPool:
                 return
             try:
                 job.run()
-            except Exception:
+            except BaseException:  # nothing may end a worker thread but the stop signal
                 log.exception("wsgi_async: a task job raised")
             finally:
                 with self._lock:

@@ -28,7 +28,7 @@ from .request import BodyError, read_body, snapshot
 from .responses import replay, send_error
 from .runner import TaskRunner
 from .status import StatusEndpoint, task_url
-from .supervisor import Supervisor
+from .supervisor import REAP_BATCH, Supervisor
 from .types import StartResponse, WSGIApplication, WSGIEnvironment
 
 log = logging.getLogger("wsgi_async")
@@ -113,7 +113,8 @@ class AsyncMiddleware:
             self.options.max_workers, self.options.max_queued, self.options.max_pending_bytes
         )
         self.supervisor = Supervisor(
-            self.registry, self.worker_id, self.options.lease_time, self._requeued
+            self.registry, self.worker_id, self.options.lease_time, self._requeued,
+            reap_limit=lambda: min(REAP_BATCH, self.pool.free_slots),
         )
         self.runner = TaskRunner(
             app, self.registry, self.supervisor, self.worker_id, self.options.max_result_size
@@ -182,13 +183,13 @@ class AsyncMiddleware:
             result_ttl=self.options.result_ttl_of(route),
         )
         scoped = None if key is None else scoped_key(owner, key)
+        prefer = parse_prefer(environ)
         try:
             stored = self._enqueue(record, request, scoped, environ)
         except Refused as refusal:
             log.log(refusal.level, "wsgi_async: refused a task for %s: %s",
                     route.pattern.pattern, refusal.reason)
             return send_error(environ, start_response, 503, refusal.detail, retry)
-        prefer = parse_prefer(environ)
         if stored.id != record.id:
             if stored.fingerprint != record.fingerprint:
                 return send_error(environ, start_response, 422,
@@ -225,8 +226,9 @@ class AsyncMiddleware:
             self._warn_if_private(multiprocess)
             try:
                 self.pool.put(_Job(self, stored.id, request, multiprocess))
-            except RuntimeError:
-                self.registry.fail(stored.id, error_response(503, NO_THREAD, id=stored.id))
+            except (RuntimeError, QueueFull) as exc:
+                self._fail_unqueued(stored.id, NO_THREAD if isinstance(exc, RuntimeError)
+                                    else BUSY)
                 raise
             queued = True
             return stored
@@ -234,11 +236,21 @@ class AsyncMiddleware:
             raise Refused(FULL, str(exc), logging.WARNING) from None
         except RegistryError as exc:
             raise Refused(UNAVAILABLE, str(exc), logging.ERROR) from None
+        except QueueFull as exc:  # shut down while the task was being stored
+            raise Refused(BUSY, str(exc), logging.WARNING) from None
         except RuntimeError as exc:  # no thread could be started
             raise Refused(NO_THREAD, str(exc), logging.ERROR) from None
         finally:
             if not queued:
                 self.pool.release(size)
+
+    def _fail_unqueued(self, task_id: str, detail: str) -> None:
+        """A stored task that could not be queued must still end: fail it."""
+        response = error_response(503, detail, id=task_id)
+        try:
+            self.registry.fail(task_id, response)
+        except RegistryError:
+            self.supervisor.retry_later(task_id, lambda: self.registry.fail(task_id, response))
 
     def _warn_if_private(self, multiprocess: bool) -> None:
         if multiprocess and not self._warned_multiprocess and isinstance(
@@ -274,7 +286,7 @@ class AsyncMiddleware:
             return
         try:
             self.pool.submit(_Job(self, record.id, request, True))
-        except QueueFull:
+        except (QueueFull, RuntimeError):
             self.registry.fail(record.id, error_response(
                 503, "No worker was free to replay the task after its worker was lost.",
                 id=record.id))

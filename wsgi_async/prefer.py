@@ -9,7 +9,7 @@ from werkzeug.http import parse_list_header
 
 from .types import WSGIEnvironment
 
-_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,7 +31,7 @@ def parse_prefer(environ: WSGIEnvironment) -> Preferences:
         value = value.strip().strip('"')
         if name == "respond-async":
             respond_async = True
-        elif name == "wait" and wait is None and value.isdigit():
+        elif name == "wait" and wait is None and value.isascii() and value.isdigit():
             wait = float(value)
     return Preferences(respond_async, wait)
 
@@ -47,6 +47,6 @@ def parse_idempotency_key(environ: WSGIEnvironment) -> str | None:
     key = raw.strip()
     if len(key) >= 2 and key[0] == key[-1] == '"':
         key = key[1:-1]
-    if not _KEY.match(key):
+    if not _KEY.fullmatch(key):
         raise ValueError("Idempotency-Key must be 1 to 255 visible ASCII characters")
     return key

@@ -32,6 +32,9 @@ log = logging.getLogger("wsgi_async")
 # Backoff, in seconds, while the registry is unavailable (about 16 s in all).
 STORE_RETRIES = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 T = TypeVar("T")
+U = TypeVar("U")
+# What ``_start`` returns when the registry did not answer (distinct from None).
+_UNAVAILABLE = TaskRecord(id="", route="")
 
 
 @dataclass(slots=True)
@@ -47,6 +50,12 @@ class TaskRunner:
     def run(self, task_id: str, request: RequestSnapshot, *, multiprocess: bool) -> None:
         worker = self.worker_id()
         record = self._start(task_id, worker)
+        if record is _UNAVAILABLE:
+            # Never started: fail it once the registry is back, whoever then holds it.
+            response = error_response(503, "The task registry was unavailable when the task "
+                                      "was due to start.", id=task_id)
+            self.supervisor.retry_later(task_id, lambda: self.registry.fail(task_id, response))
+            return
         if record is None:
             log.info("wsgi_async: task %s is no longer queued here; skipped", task_id)
             return
@@ -58,9 +67,13 @@ class TaskRunner:
             request, TaskHandle(task_id, record.attempts), multiprocess=multiprocess
         )
         status, response = self._drive(task_id, record.route, environ, deadline)
+        stored = self._store(task_id, worker, status, response)
+        if stored is None:
+            self.supervisor.retry_later(
+                task_id, lambda: self.registry.finish(task_id, worker, status, response)
+            )
         if deadline is not None:
             self.supervisor.unwatch(task_id)
-        stored = self._store(task_id, worker, status, response)
         log.info(
             "wsgi_async: task %s route=%s outcome=%s status=%s duration=%.3fs%s",
             task_id,
@@ -68,7 +81,8 @@ class TaskRunner:
             status.value,
             response.status_code,
             time.monotonic() - began,
-            "" if stored else " (discarded: the task had already ended)",
+            {True: "", False: " (discarded: the task had already ended)",
+             None: " (kept for retry: the registry is unavailable)"}[stored],
         )
 
     def _drive(
@@ -94,7 +108,7 @@ class TaskRunner:
                 500, "The application produced an invalid response.", id=task_id,
                 reason="invalid_response",
             )
-        except Exception:
+        except (Exception, SystemExit, KeyboardInterrupt):
             log.exception("wsgi_async: task %s route=%s raised", task_id, route)
             return TaskStatus.FAILED, error_response(
                 500, "The application raised an error while running this task.", id=task_id,
@@ -103,7 +117,11 @@ class TaskRunner:
         return TaskStatus.DONE, response
 
     def _start(self, task_id: str, worker: str) -> TaskRecord | None:
-        """Claim the task, retrying while the registry is unavailable."""
+        """Claim the task, retrying while the registry is unavailable.
+
+        ``None`` means the task is not queued here; :data:`_UNAVAILABLE`, that
+        the registry did not answer.
+        """
 
         def start(retried: bool) -> TaskRecord | None:
             record = self.registry.start(task_id, worker)
@@ -114,12 +132,16 @@ class TaskRunner:
                     return current
             return record
 
-        return _retrying(start, f"starting task {task_id}")
+        return _retrying(start, f"starting task {task_id}", _UNAVAILABLE)
 
     def _store(
         self, task_id: str, worker: str, status: TaskStatus, response: StoredResponse
-    ) -> bool:
-        """Store the outcome, retrying while the registry is unavailable."""
+    ) -> bool | None:
+        """Store the outcome, retrying while the registry is unavailable.
+
+        ``False`` means a late result (the task had ended); ``None``, that the
+        registry did not answer.
+        """
 
         def finish(retried: bool) -> bool:
             stored = self.registry.finish(task_id, worker, status, response)
@@ -129,18 +151,18 @@ class TaskRunner:
                 return current is not None and current.response == response
             return stored
 
-        return bool(_retrying(finish, f"storing the outcome of task {task_id}"))
+        return _retrying(finish, f"storing the outcome of task {task_id}", None)
 
 
-def _retrying(call: Callable[[bool], T], what: str) -> T | None:
-    """``call(retried)`` until the registry answers; ``None`` after the last retry."""
+def _retrying(call: Callable[[bool], T], what: str, gave_up: U) -> T | U:
+    """``call(retried)`` until the registry answers; ``gave_up`` after the last retry."""
     for attempt, delay in enumerate((*STORE_RETRIES, None)):
         try:
             return call(attempt > 0)
         except RegistryError as exc:
             if delay is None:
-                log.error("wsgi_async: %s failed for good: %s", what, exc)
-                return None
+                log.error("wsgi_async: %s failed; the supervisor will retry: %s", what, exc)
+                return gave_up
             log.warning("wsgi_async: %s failed (%s); retrying", what, exc)
             time.sleep(delay)
-    return None
+    return gave_up

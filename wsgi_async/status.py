@@ -23,7 +23,7 @@ from .types import StartResponse, WSGIEnvironment
 
 log = logging.getLogger("wsgi_async")
 
-TASK_ID = re.compile(r"^[A-Za-z0-9_-]{22,64}$")
+TASK_ID = re.compile(r"[A-Za-z0-9_-]{22,64}")
 ALLOWED = "GET, HEAD, DELETE"
 
 
@@ -43,7 +43,7 @@ class StatusEndpoint:
             return send_error(environ, start_response, 405,
                               f"{method} is not allowed on a task", [("Allow", ALLOWED)])
         task_id = environ.get("PATH_INFO", "")[len(self.options.status_path) + 1 :]
-        if not TASK_ID.match(task_id):
+        if not TASK_ID.fullmatch(task_id):
             return self._not_found(environ, start_response)
         try:
             record = self.registry.get(task_id)

@@ -2,7 +2,9 @@
 
 It renews this process's lease (so other processes know it is alive),
 settles the tasks of processes whose lease lapsed, stores a 504 for tasks
-that run past their timeout, and drops expired results.  Each duty is
+that run past their timeout, drops expired results, and retries the writes
+that failed while the registry was unavailable, so that every task this
+process holds reaches a final state.  Each duty is
 bounded per tick, so a tick's cost does not grow with the registry.
 """
 
@@ -33,14 +35,17 @@ class Supervisor:
         worker_id: Callable[[], str],
         lease_time: float,
         on_requeued: Callable[[TaskRecord], None],
+        reap_limit: Callable[[], int] = lambda: REAP_BATCH,
     ) -> None:
         self.registry = registry
         self.worker_id = worker_id
         self.lease_time = lease_time
         self.interval = lease_time / 3
         self.on_requeued = on_requeued
+        self.reap_limit = reap_limit
         self._cond = threading.Condition()
         self._deadlines: dict[str, float] = {}
+        self._unsettled: dict[str, Callable[[], object]] = {}
         self._thread: threading.Thread | None = None
         self._pid = os.getpid()
         self._stopped = False
@@ -70,6 +75,15 @@ class Supervisor:
     def unwatch(self, task_id: str) -> None:
         with self._cond:
             self._deadlines.pop(task_id, None)
+
+    def retry_later(self, task_id: str, write: Callable[[], object]) -> None:
+        """Run ``write`` at each tick until the registry takes it.
+
+        At most one write per task this process holds, so the list is bounded
+        by the pool's capacity.
+        """
+        with self._cond:
+            self._unsettled[task_id] = write
 
     def stop(self, retire: bool = True) -> None:
         """Stop the thread; ``retire`` the lease only if this process holds no task.
@@ -126,14 +140,33 @@ class Supervisor:
         worker = self.worker_id()
         try:
             self.registry.heartbeat(worker, self.lease_time)
-            for record in self.registry.reap(worker, REAP_BATCH):
+            self._settle_unsettled()
+            limit = self.reap_limit()  # a replayed task needs a free place in the pool
+            for record in self.registry.reap(worker, limit) if limit > 0 else ():
                 log.warning("wsgi_async: replaying task %s, whose worker was lost", record.id)
-                self.on_requeued(record)
+                self._requeue(record)
             self.registry.expire(EXPIRE_BATCH)
         except RegistryError as exc:
             log.warning("wsgi_async: registry unavailable in the supervisor: %s", exc)
         except Exception:
             log.exception("wsgi_async: supervisor tick failed")
+
+    def _requeue(self, record: TaskRecord) -> None:
+        try:
+            self.on_requeued(record)
+        except Exception as exc:  # the task is ours now: it must not be dropped
+            log.warning("wsgi_async: could not replay task %s yet: %s", record.id, exc)
+            self.retry_later(record.id, lambda: self.on_requeued(record))
+
+    def _settle_unsettled(self) -> None:
+        with self._cond:
+            pending = list(self._unsettled.items())
+        for task_id, write in pending:
+            write()  # a RegistryError ends the tick; the rest wait for the next
+            with self._cond:
+                if self._unsettled.get(task_id) is write:
+                    del self._unsettled[task_id]
+            log.info("wsgi_async: task %s settled after the registry came back", task_id)
 
 
 def _reset_ref(ref: weakref.ref[Supervisor]) -> None:
@@ -142,4 +175,5 @@ def _reset_ref(ref: weakref.ref[Supervisor]) -> None:
         sup._cond = threading.Condition()
         sup._thread = None
         sup._deadlines = {}
+        sup._unsettled = {}
         sup._pid = os.getpid()

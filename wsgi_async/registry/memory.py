@@ -43,6 +43,7 @@ class MemoryRegistry:
         self._keys: dict[str, str] = {}
         self._key_of: dict[str, str] = {}
         self._expiry: list[tuple[float, str]] = []
+        self._finished = 0  # finished tasks held: the heap's live entries
         self._leases: dict[str, float] = {}
         self._held: dict[str, set[str]] = {}
 
@@ -203,6 +204,7 @@ class MemoryRegistry:
                 reason="registry_full",
             )
         self._bytes += len(response.body)
+        self._finished += 1
         record.status = status
         record.response = response
         record.finished_at = time.time()
@@ -218,6 +220,15 @@ class MemoryRegistry:
             return False
         if record.response is not None:
             self._bytes -= len(record.response.body)
+            self._finished -= 1
+            # Deleted tasks leave stale heap entries; rebuild before they outnumber live ones.
+            if len(self._expiry) > 2 * self._finished + 64:
+                self._expiry = [
+                    (expires, tid)
+                    for tid, task in self._tasks.items()
+                    if (expires := task.expires_at) is not None
+                ]
+                heapq.heapify(self._expiry)
         self._requests.pop(task_id, None)
         key = self._key_of.pop(task_id, None)
         if key is not None and self._keys.get(key) == task_id:

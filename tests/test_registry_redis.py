@@ -333,10 +333,7 @@ def test_a_finish_in_another_process_wakes_the_waiter_within_50ms(reg: Any) -> N
         assert child.exitcode == 0
     finally:
         ours.close()
-        if child.is_alive():
-            child.kill()
-            child.join(5)
-        child.close()
+        stop(child)
     median = statistics.median(latencies)
     assert median < 0.05, f"median wake-up {median * 1000:.1f} ms: {latencies}"
 
@@ -361,6 +358,14 @@ def test_delete_and_close_wake_waiters(reg: Any) -> None:
     threads[1].join(5)
     record, elapsed = outcome[pending.id]
     assert record.status is TaskStatus.QUEUED and elapsed < 1
+
+
+def stop(child: Any) -> None:
+    """Kill ``child`` if it is still running, and release it."""
+    if child.is_alive():
+        child.kill()
+        child.join(5)
+    child.close()
 
 
 def _wait_in_fork(registry: Any, task_id: str, conn: Connection) -> None:
@@ -392,10 +397,7 @@ def test_a_forked_child_starts_its_own_listener(reg: Any) -> None:
         child.join(10)
     finally:
         ours.close()
-        if child.is_alive():
-            child.kill()
-            child.join(5)
-        child.close()
+        stop(child)
 
 
 

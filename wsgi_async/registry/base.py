@@ -54,6 +54,12 @@ class StoredResponse:
         return cls(str(status), tuple((str(k), str(v)) for k, v in headers), bytes(body))
 
 
+def require_final(status: TaskStatus) -> None:
+    """``finish`` takes only a final status: a task never goes back to pending."""
+    if not status.is_final:
+        raise ValueError(f"status must be final, got {status.value!r}")
+
+
 def error_response(code: int, detail: str, **extra: object) -> StoredResponse:
     """A stored JSON error response, as kept for a failed task."""
     return StoredResponse(*error_parts(code, detail, **extra))

@@ -22,6 +22,7 @@ from .base import (
     TaskStatus,
     error_response,
     lost_worker_response,
+    require_final,
 )
 
 
@@ -98,8 +99,7 @@ class MemoryRegistry:
     def finish(
         self, task_id: str, worker: str, status: TaskStatus, response: StoredResponse
     ) -> bool:
-        if not status.is_final:
-            raise ValueError(f"status must be final, got {status.value!r}")
+        require_final(status)
         with self._lock:
             record = self._tasks.get(task_id)
             if record is None or record.status is not TaskStatus.RUNNING or record.worker != worker:

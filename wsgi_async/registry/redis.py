@@ -50,6 +50,7 @@ from .base import (
     TaskRecord,
     TaskStatus,
     lost_worker_response,
+    require_final,
 )
 
 __all__ = ["RedisRegistry"]
@@ -345,8 +346,7 @@ class RedisRegistry:
     def finish(
         self, task_id: str, worker: str, status: TaskStatus, response: StoredResponse
     ) -> bool:
-        if not status.is_final:
-            raise ValueError(f"status must be final, got {status.value!r}")
+        require_final(status)
         args: list[str | bytes] = [
             self.prefix, task_id, worker, status.value, response.headers_json(), response.body
         ]

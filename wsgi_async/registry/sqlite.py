@@ -39,6 +39,7 @@ from .base import (
     TaskRecord,
     TaskStatus,
     lost_worker_response,
+    require_final,
 )
 
 log = logging.getLogger(__name__)
@@ -259,8 +260,7 @@ class SQLiteRegistry:
     def finish(
         self, task_id: str, worker: str, status: TaskStatus, response: StoredResponse
     ) -> bool:
-        if not status.is_final:
-            raise ValueError(f"status must be final, got {status.value!r}")
+        require_final(status)
         with self._write() as db:
             settled = _settle(
                 db,

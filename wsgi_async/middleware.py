@@ -27,8 +27,8 @@ from .registry.base import RequestSnapshot, TaskRecord, error_response
 from .request import BodyError, read_body, snapshot
 from .responses import replay, send_error
 from .runner import TaskRunner
-from .status import StatusEndpoint, task_url
-from .supervisor import REAP_BATCH, Supervisor
+from .status import StatusEndpoint
+from .supervisor import Supervisor
 from .types import StartResponse, WSGIApplication, WSGIEnvironment
 
 log = logging.getLogger("wsgi_async")
@@ -76,11 +76,7 @@ class _Job:
         self.middleware.runner.run(self.task_id, self.request, multiprocess=self.multiprocess)
 
     def cancel(self, reason: str) -> None:
-        try:
-            response = error_response(503, reason, id=self.task_id)
-            self.middleware.registry.fail(self.task_id, response)
-        except RegistryError:
-            log.exception("wsgi_async: could not cancel task %s", self.task_id)
+        self.middleware._fail_unqueued(self.task_id, reason)
 
 
 class AsyncMiddleware:
@@ -114,7 +110,7 @@ class AsyncMiddleware:
         )
         self.supervisor = Supervisor(
             self.registry, self.worker_id, self.options.lease_time, self._requeued,
-            reap_limit=lambda: min(REAP_BATCH, self.pool.free_slots),
+            free_slots=lambda: self.pool.free_slots,
         )
         self.runner = TaskRunner(
             app, self.registry, self.supervisor, self.worker_id, self.options.max_result_size
@@ -245,7 +241,7 @@ class AsyncMiddleware:
                 self.pool.release(size)
 
     def _fail_unqueued(self, task_id: str, detail: str) -> None:
-        """A stored task that could not be queued must still end: fail it."""
+        """A stored task that will not run here must still end: fail it."""
         response = error_response(503, detail, id=task_id)
         try:
             self.registry.fail(task_id, response)
@@ -314,9 +310,6 @@ class AsyncMiddleware:
         """
         drained = self.pool.shutdown(wait=wait, timeout=timeout)
         self.supervisor.stop(retire=drained)
-
-    def task_url(self, environ: WSGIEnvironment, task_id: str) -> str:
-        return task_url(environ, self.options.status_path, task_id)
 
 
 def fingerprint(request: RequestSnapshot) -> str:

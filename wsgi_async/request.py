@@ -8,7 +8,6 @@ its body in memory, and fresh ``wsgi.*`` objects that stay valid.
 from __future__ import annotations
 
 import io
-import logging
 import sys
 from dataclasses import dataclass
 from typing import IO, Any
@@ -22,7 +21,6 @@ READ_CHUNK = 64 * 1024
 SERVER_PREFIXES = ("wsgi.", "gunicorn.", "waitress.", "uwsgi.", "werkzeug.", "cheroot.",
                    "mod_wsgi.", "wsgi_async.")
 
-log = logging.getLogger("wsgi_async")
 
 
 class BodyError(Exception):

@@ -35,14 +35,14 @@ class Supervisor:
         worker_id: Callable[[], str],
         lease_time: float,
         on_requeued: Callable[[TaskRecord], None],
-        reap_limit: Callable[[], int] = lambda: REAP_BATCH,
+        free_slots: Callable[[], int] = lambda: REAP_BATCH,
     ) -> None:
         self.registry = registry
         self.worker_id = worker_id
         self.lease_time = lease_time
         self.interval = lease_time / 3
         self.on_requeued = on_requeued
-        self.reap_limit = reap_limit
+        self.free_slots = free_slots
         self._cond = threading.Condition()
         self._deadlines: dict[str, float] = {}
         self._unsettled: dict[str, Callable[[], object]] = {}
@@ -88,8 +88,9 @@ class Supervisor:
     def stop(self, retire: bool = True) -> None:
         """Stop the thread; ``retire`` the lease only if this process holds no task.
 
-        A process that stops with tasks still running keeps its lease, which
-        then lapses, so that another process settles (or replays) those tasks.
+        A process that stops with tasks still running, or with outcomes the
+        registry has not taken yet, keeps its lease, which then lapses, so that
+        another process settles (or replays) those tasks.
         """
         with self._cond:
             self._stopped = True
@@ -97,7 +98,9 @@ class Supervisor:
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(5)
-        if not retire:
+        with self._cond:
+            unsettled = bool(self._unsettled)
+        if not retire or unsettled:  # keep the lease: let it lapse and others settle
             return
         try:
             self.registry.retire(self.worker_id())
@@ -141,7 +144,7 @@ class Supervisor:
         try:
             self.registry.heartbeat(worker, self.lease_time)
             self._settle_unsettled()
-            limit = self.reap_limit()  # a replayed task needs a free place in the pool
+            limit = min(REAP_BATCH, self.free_slots())  # a replay needs a place in the pool
             for record in self.registry.reap(worker, limit) if limit > 0 else ():
                 log.warning("wsgi_async: replaying task %s, whose worker was lost", record.id)
                 self._requeue(record)

@@ -1,0 +1,1 @@
+"""wsgi_async's benchmarks: every contender measured side by side, in one run."""

@@ -1,0 +1,399 @@
+"""Scale scenario: does the time per registry operation stay flat as stored tasks pile up?
+
+For each backend (memory, SQLite, Redis) the registry is filled to each level of stored
+tasks, then ``ops`` task cycles are timed there.  A cycle is what the middleware does for
+one task: ``create`` (queued, held by a worker), ``start``, ``finish`` (DONE, a small JSON
+response), ``get`` (checked: DONE with the right body) and one ``get`` of an unknown id.
+Every wrong answer raises :class:`ScaleError`: a fast but wrong backend is not a result.
+
+Stored tasks accumulate: the filled tasks and the cycles' own tasks all stay stored (their
+``result_ttl`` outlives the run), so while a level is timed the count grows from the level
+to the level plus ``ops``; ``stored`` is the count when timing starts.  Filling runs the
+same ``create``/``start``/``finish`` calls in a tight loop and is timed too (``fill_per_s``);
+for Redis, where each call is a round trip, it runs the registry's own scripts pipelined
+(see :func:`pipelined_fill`), so its fill rate is not the API's: a cycle's is.
+Each level is timed as the best of 3 repeats of ``ops // 3`` cycles (the least disturbed
+repeat; the garbage collector stays on but is run before each repeat).  Task ids are
+generated before the timer starts, so the figures are the registry's cost alone.
+
+    python -m benchmarks.scale --levels 1000,10000 --ops 3000
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import gc
+import math
+import os
+import secrets
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from wsgi_async.registry import MemoryRegistry, Registry, StoredResponse, TaskRecord, TaskStatus
+
+SCENARIO = "scale"
+REPEATS = 3
+WORKER = "bench-scale-worker"
+ROUTE = "/bench/scale"
+RESULT_TTL = 24 * 3600.0  # far longer than any run: nothing expires while we measure
+BODY = b'{"ok": true}'
+RESPONSE = StoredResponse("200 OK", (("Content-Type", "application/json"),), BODY)
+CONTENDERS = {
+    "memory": "wsgi_async memory",
+    "sqlite": "wsgi_async sqlite",
+    "redis": "wsgi_async redis",
+}
+if TYPE_CHECKING:
+    from wsgi_async.registry.redis import RedisRegistry
+
+DEFAULT_LEVELS = (1_000, 10_000, 100_000)
+DEFAULT_OPS = 3_000
+DEFAULT_REDIS_URL = os.environ.get("WSGI_ASYNC_BENCH_REDIS", "redis://127.0.0.1:6379/14")
+DELETE_BATCH = 500  # keys per DEL when cleaning up Redis
+PIPELINE_TASKS = 500  # tasks per pipeline when filling Redis
+
+
+class ScaleError(RuntimeError):
+    """A registry gave a wrong answer during the scale scenario."""
+
+
+class Skipped(Exception):
+    """A backend cannot run here (missing package, unreachable server); the message says why."""
+
+
+def new_id() -> str:
+    """A task id as the middleware makes them."""
+    return secrets.token_urlsafe(24)
+
+
+def settle(registry: Registry, task_id: str) -> None:
+    """Create, start and finish one task the way the middleware does, checking each answer."""
+    registry.create(TaskRecord(id=task_id, route=ROUTE, worker=WORKER, result_ttl=RESULT_TTL))
+    started = registry.start(task_id, WORKER)
+    if started is None or started.status is not TaskStatus.RUNNING:
+        raise ScaleError(f"start({task_id!r}) answered {started!r}, expected a running task")
+    if not registry.finish(task_id, WORKER, TaskStatus.DONE, RESPONSE):
+        raise ScaleError(f"finish({task_id!r}) refused a running task held by its worker")
+
+
+def cycle(registry: Registry, task_id: str, unknown_id: str) -> None:
+    """One full task cycle: settle it, read it back (checked), then miss an unknown id."""
+    settle(registry, task_id)
+    check_done(registry, task_id)
+    missing = registry.get(unknown_id)
+    if missing is not None:
+        raise ScaleError(f"get of an unknown id answered {missing!r}, expected None")
+
+
+def fill(registry: Registry, ids: Sequence[str]) -> float:
+    """Store a finished task under each of ``ids`` through the registry API; seconds taken."""
+    started = time.perf_counter()
+    for task_id in ids:
+        settle(registry, task_id)
+    return time.perf_counter() - started
+
+
+def check_done(registry: Registry, task_id: str) -> None:
+    """Raise unless ``task_id`` reads back DONE with the benchmark's body."""
+    record = registry.get(task_id)
+    if (
+        record is None
+        or record.status is not TaskStatus.DONE
+        or record.response is None
+        or record.response.body != BODY
+    ):
+        raise ScaleError(f"get({task_id!r}) answered {record!r}, expected it DONE with {BODY!r}")
+
+
+def time_cycles(registry: Registry, ops: int) -> tuple[int, float]:
+    """Time ``ops`` cycles as the best of REPEATS repeats; (cycles run, best us per cycle)."""
+    per_repeat = max(1, ops // REPEATS)
+    best = math.inf
+    for _ in range(REPEATS):
+        ids = [(new_id(), new_id()) for _ in range(per_repeat)]
+        gc.collect()
+        started = time.perf_counter()
+        for task_id, unknown_id in ids:
+            cycle(registry, task_id, unknown_id)
+        best = min(best, (time.perf_counter() - started) / per_repeat)
+    return per_repeat * REPEATS, best * 1e6
+
+
+def measure(
+    contender: str,
+    registry: Registry,
+    levels: Sequence[int],
+    ops: int,
+    count: Callable[[], int],
+    filler: Callable[[Sequence[str]], float] | None = None,
+) -> list[dict[str, Any]]:
+    """Fill ``registry`` to each level in turn and time cycles there; one row per level.
+
+    ``count`` reads how many tasks the backend stores, to check that fills and cycles
+    stored exactly what they should; a sample of the filled tasks is read back too.
+    ``filler`` stores finished tasks under the ids it is given (default: :func:`fill`).
+    """
+    if filler is None:
+        filler = functools.partial(fill, registry)
+    rows: list[dict[str, Any]] = []
+    stored = 0
+    for level in levels:
+        missing = max(0, level - stored)
+        ids = [new_id() for _ in range(missing)]
+        seconds = filler(ids)
+        for task_id in ids[:: max(1, missing // 10)] + ids[-1:]:
+            check_done(registry, task_id)
+        stored += missing
+        if count() != stored:
+            raise ScaleError(f"{contender} stores {count()} tasks after filling, not {stored}")
+        timed, us_per_op = time_cycles(registry, ops)
+        rows.append({
+            "scenario": SCENARIO,
+            "contender": contender,
+            "stored": stored,
+            "ops": timed,
+            "us_per_op": us_per_op,
+            "vs_first_level": us_per_op / rows[0]["us_per_op"] if rows else 1.0,
+            "fill_per_s": missing / seconds if missing and seconds > 0 else math.nan,
+        })
+        stored += timed
+        if count() != stored:
+            raise ScaleError(f"{contender} stores {count()} tasks after timing, not {stored}")
+    return rows
+
+
+def capacity(levels: Sequence[int], ops: int) -> int:
+    """A max_tasks no run can reach: the largest level plus every timed cycle's task."""
+    return max(levels) + (len(levels) + 1) * (ops + REPEATS) + 1_000
+
+
+def run_memory(levels: Sequence[int], ops: int) -> list[dict[str, Any]]:
+    """The scenario on a fresh :class:`MemoryRegistry`."""
+    registry = MemoryRegistry(max_tasks=capacity(levels, ops))
+    try:
+        return measure(CONTENDERS["memory"], registry, levels, ops, registry.__len__)
+    finally:
+        registry.close()
+
+
+def run_sqlite(levels: Sequence[int], ops: int, workdir: Path) -> list[dict[str, Any]]:
+    """The scenario on a fresh SQLite file under ``workdir``, removed afterwards."""
+    from wsgi_async.registry.sqlite import SQLiteRegistry
+
+    path = workdir / f"scale-{secrets.token_hex(4)}.db"
+    registry = SQLiteRegistry(path, max_tasks=capacity(levels, ops))
+    try:
+        return measure(CONTENDERS["sqlite"], registry, levels, ops, registry.__len__)
+    finally:
+        registry.close()
+        for leftover in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+            leftover.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # the wake-up directory, if anything made it
+            os.rmdir(registry.notify_directory)
+
+
+def run_redis(
+    levels: Sequence[int], ops: int, redis_url: str | None, prefix: str
+) -> list[dict[str, Any]]:
+    """The scenario in Redis under a fresh sub-prefix of ``prefix``, every key deleted after.
+
+    The sub-prefix (``<prefix>scale-<hex>:``) holds only this run's keys, so the clean-up
+    cannot touch keys that other scenarios keep under the same ``prefix``.
+    """
+    if redis_url is None:
+        raise Skipped("no Redis URL given")
+    try:
+        import redis
+
+        from wsgi_async.registry.redis import RedisRegistry
+    except ImportError as exc:
+        raise Skipped(f"redis-py is not installed ({exc})") from None
+    ours = f"{prefix}scale-{secrets.token_hex(4)}:"
+    registry = RedisRegistry.from_url(redis_url, max_tasks=capacity(levels, ops), prefix=ours)
+    try:
+        try:
+            registry.client.ping()
+        except redis.RedisError as exc:
+            raise Skipped(f"Redis is unreachable at {redis_url}: {exc}") from None
+        client = registry.client
+
+        def count() -> int:
+            return int(client.zcard(ours + "tasks"))
+
+        return measure(
+            CONTENDERS["redis"], registry, levels, ops, count,
+            functools.partial(pipelined_fill, registry),
+        )
+    finally:
+        try:
+            delete_keys(registry.client, ours)
+        finally:
+            registry.close()
+
+
+def pipelined_fill(registry: RedisRegistry, ids: Sequence[str]) -> float:
+    """Store finished tasks in Redis with the registry's own scripts, pipelined; seconds taken.
+
+    The API costs three round trips per task (about 1 ms here), so a 100,000-task fill
+    through it takes minutes.  This runs the very scripts ``create``, ``start`` and
+    ``finish`` run, with the same arguments, ``PIPELINE_TASKS`` tasks per round trip, and
+    checks every reply: the stored state is the one the API leaves.  It reaches into the
+    registry's internals, so a change there breaks it loudly (or the read-back check).
+    """
+    from wsgi_async.registry.redis import _encode
+
+    prefix = registry.prefix
+    headers = RESPONSE.headers_json()
+    started = time.perf_counter()
+    for first in range(0, len(ids), PIPELINE_TASKS):
+        batch = ids[first : first + PIPELINE_TASKS]
+        with registry.client.pipeline(transaction=False) as pipe:
+            for task_id in batch:
+                record = TaskRecord(id=task_id, route=ROUTE, worker=WORKER, result_ttl=RESULT_TTL)
+                args: list[str | bytes | int] = [
+                    prefix, task_id, registry.max_tasks, "0", "", "0", ""
+                ]
+                for name, value in _encode(record, None).items():
+                    args += [name, value]
+                registry._create(keys=[registry._task(task_id)], args=args, client=pipe)
+            for task_id in batch:
+                registry._start(keys=[registry._task(task_id)], args=[prefix, WORKER], client=pipe)
+            for task_id in batch:
+                registry._finish(
+                    keys=[registry._task(task_id)],
+                    args=[prefix, task_id, WORKER, TaskStatus.DONE.value, headers, BODY],
+                    client=pipe,
+                )
+            replies = pipe.execute()
+        n = len(batch)
+        created, running, finished = replies[:n], replies[n : 2 * n], replies[2 * n :]
+        if any(reply != [b"created"] for reply in created):
+            raise ScaleError(f"pipelined create answered {created[:3]!r}...")
+        if any(not isinstance(reply, list) or b"running" not in reply for reply in running):
+            raise ScaleError(f"pipelined start answered {running[:1]!r}...")
+        if any(reply != 1 for reply in finished):
+            raise ScaleError(f"pipelined finish answered {finished[:3]!r}...")
+    return time.perf_counter() - started
+
+
+def delete_keys(client: Any, prefix: str) -> int:
+    """Delete every key under ``prefix`` (SCAN + DEL in batches, never FLUSHDB); how many.
+
+    A Redis that became unreachable leaves nothing to delete that we could reach: that
+    case returns 0 rather than hiding the error that stopped the run.
+    """
+    import redis
+
+    pattern = "".join("\\" + c if c in "*?[]\\" else c for c in prefix) + "*"
+    deleted = 0
+    batch: list[bytes] = []
+    try:
+        for key in client.scan_iter(match=pattern, count=1000):
+            batch.append(key)
+            if len(batch) >= DELETE_BATCH:
+                deleted += int(client.delete(*batch))
+                batch = []
+        if batch:
+            deleted += int(client.delete(*batch))
+    except redis.ConnectionError:
+        return deleted
+    return deleted
+
+
+def run_scale(
+    levels: Sequence[int], ops: int, *, redis_url: str | None, prefix: str, workdir: Path
+) -> list[dict[str, Any]]:
+    """Run the scale scenario on every backend; one row per (backend, level) or per skip.
+
+    A backend that cannot run here gives one ``{"skipped": reason}`` row; one that answers
+    wrongly raises :class:`ScaleError`.
+    """
+    levels = sorted(set(levels))
+    if not levels or levels[0] < 1:
+        raise ValueError(f"levels must be positive task counts, got {levels!r}")
+    if ops < REPEATS:
+        raise ValueError(f"ops must be at least {REPEATS}, got {ops!r}")
+    backends: list[tuple[str, Callable[[], list[dict[str, Any]]]]] = [
+        ("memory", lambda: run_memory(levels, ops)),
+        ("sqlite", lambda: run_sqlite(levels, ops, workdir)),
+        ("redis", lambda: run_redis(levels, ops, redis_url, prefix)),
+    ]
+    rows: list[dict[str, Any]] = []
+    for name, run in backends:
+        try:
+            rows += run()
+        except Skipped as skip:
+            rows.append({"scenario": SCENARIO, "contender": CONTENDERS[name], "skipped": str(skip)})
+    return rows
+
+
+def format_rows(rows: Sequence[dict[str, Any]]) -> str:
+    """The rows as a small plain-text table."""
+    headers = ["contender", "stored", "cycles", "us/cycle", "vs first", "fill tasks/s"]
+    body: list[list[str]] = []
+    for row in rows:
+        if "skipped" in row:
+            body.append([row["contender"], f"skipped: {row['skipped']}"])
+            continue
+        fill_rate = row["fill_per_s"]
+        body.append([
+            row["contender"],
+            f"{row['stored']:,}",
+            f"{row['ops']:,}",
+            f"{row['us_per_op']:,.1f}",
+            f"{row['vs_first_level']:.2f}",
+            "-" if math.isnan(fill_rate) else f"{fill_rate:,.0f}",
+        ])
+    widths = [max(len(h), *(len(r[i]) for r in body if len(r) > i)) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        if len(cells) < len(headers):  # a skipped backend: its reason runs across
+            return "  ".join([cells[0].ljust(widths[0]), *cells[1:]])
+        pairs = enumerate(zip(cells, widths, strict=True))
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in pairs)
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, body)])
+
+
+def parse_levels(text: str) -> list[int]:
+    """``"1000,10000"`` (underscores allowed) as a list of positive ints, for argparse."""
+    try:
+        levels = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of ints: {text!r}") from None
+    if not levels or min(levels) < 1:
+        raise argparse.ArgumentTypeError(f"levels must be positive, got {text!r}")
+    return levels
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the scenario standalone and print its table."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.scale", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--levels", type=parse_levels, default=list(DEFAULT_LEVELS),
+                        help="stored-task levels, comma-separated (default: %(default)s)")
+    parser.add_argument("--ops", type=int, default=DEFAULT_OPS,
+                        help="cycles timed per level, in 3 repeats (default: %(default)s)")
+    parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL,
+                        help="Redis to use, '' to skip Redis (default: %(default)s)")
+    args = parser.parse_args(argv)
+    prefix = f"wsgi-async-bench:{secrets.token_hex(6)}:"
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="wsgi-async-scale-") as workdir:
+        rows = run_scale(args.levels, args.ops, redis_url=args.redis_url or None,
+                         prefix=prefix, workdir=Path(workdir))
+    print(f"scale: us per task cycle (create, start, finish, get, get unknown) by stored "
+          f"tasks; best of {REPEATS} repeats of ops/{REPEATS}")
+    print(format_rows(rows))
+    print(f"total {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""The two endpoints' work, identical for every contender.
+
+``noop`` returns a small JSON at once, so the machinery around it is all that
+is measured; ``sleep`` waits 50 ms like a slow query.  Both echo ``n`` so the
+client can check it got the result of its own task, and ``sleep`` says when it
+finished, so the client can tell how long the result took to reach it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+SLEEP_SECONDS = 0.05
+
+
+def noop(n: int) -> dict[str, Any]:
+    return {"n": n, "ok": True}
+
+
+def sleep(n: int, seconds: float = SLEEP_SECONDS) -> dict[str, Any]:
+    time.sleep(min(seconds, 30.0))
+    return {"n": n, "slept": seconds, "done_at": time.time()}
+
+
+WORK = {"noop": noop, "sleep": sleep}

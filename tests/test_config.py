@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from wsgi_async import AsyncMiddleware
-from wsgi_async.config import build_options
+from wsgi_async.config import build_options, literal_prefix
 
 
 def app(environ: Any, start_response: Any) -> list[bytes]:
@@ -111,3 +111,41 @@ def test_bad_registry() -> None:
         AsyncMiddleware(app, routes=["^/"], registry=42)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="app must be a WSGI callable"):
         AsyncMiddleware("app", routes=["^/"])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("pattern", "prefix"),
+    [
+        (r"^/reports/", "/reports/"),
+        (r"/reports/", "/reports/"),
+        (r"^/export/\w+$", "/export/"),
+        (r"^/billing/run$", "/billing/run"),
+        (r"^/ab?c", "/a"),
+        (r"^/ab*c", "/a"),
+        (r"^/ab{0,2}", "/a"),
+        (r"^/ab+", "/ab"),
+        (r"^/a.c", "/a"),
+        (r"^/a[bc]", "/a"),
+        (r"^/a(b)", "/a"),
+        (r"^/a|^/b", ""),
+        (r"^/(a|b)", ""),
+        (r"(?i)^/reports", ""),
+        (r"(?x) / a", ""),
+        (r"^\/a", ""),
+        (r"", ""),
+        (r"^", ""),
+    ],
+)
+def test_literal_prefix_is_necessary(pattern: str, prefix: str) -> None:
+    regex = re.compile(pattern)
+    assert literal_prefix(regex) == prefix
+    for path in ("/reports/1", "/export/abc", "/billing/run", "/ac", "/abc", "/abbc", "/a",
+                 "/b", "/REPORTS", "/a/b", "/", "", "/ab", "/axc"):
+        if regex.match(path):
+            assert path.startswith(prefix), (pattern, path)
+
+
+def test_literal_prefix_respects_flags() -> None:
+    assert literal_prefix(re.compile(r"^/reports/", re.IGNORECASE)) == ""
+    assert literal_prefix(re.compile(r"^/reports/", re.VERBOSE)) == ""
+    assert literal_prefix(re.compile(r"^/reports/", re.MULTILINE)) == "/reports/"

@@ -786,3 +786,22 @@ def test_deleted_tasks_do_not_grow_the_expiry_heap(cleanup: list[AsyncMiddleware
         registry.finish(task.id, "w1", TaskStatus.DONE, ok)
         registry.delete(task.id)
     assert len(registry._expiry) < 200
+
+
+def test_task_record_copy_is_a_full_shallow_copy() -> None:
+    import dataclasses
+
+    from wsgi_async.registry.base import StoredResponse, TaskRecord, TaskStatus
+
+    record = TaskRecord(
+        id="a" * 32, route="^/r", status=TaskStatus.DONE, created_at=1.0, started_at=2.0,
+        finished_at=3.0, worker="w", owner="o", fingerprint="f", attempts=2, replay=True,
+        timeout=4.0, result_ttl=5.0, response=StoredResponse("200 OK", (), b"x"),
+    )
+    copied = record.copy()
+    assert copied == dataclasses.replace(record) and copied is not record
+    # Every field is copied: a field added later must be added to copy() too.
+    assert all(getattr(copied, f.name) is getattr(record, f.name)
+               for f in dataclasses.fields(TaskRecord))
+    copied.status = TaskStatus.QUEUED
+    assert record.status is TaskStatus.DONE

@@ -13,8 +13,6 @@ import time
 from collections.abc import Iterable
 from typing import NoReturn
 
-from werkzeug.http import is_hop_by_hop_header
-
 from .errors import ResponseError, ResultTooLarge, TaskTimeout
 from .registry.base import StoredResponse
 from .types import OptExcInfo, WriteCallable, WSGIApplication, WSGIEnvironment
@@ -24,16 +22,23 @@ _STATUS = re.compile(r"[1-5][0-9]{2} [^\x00-\x08\x0a-\x1f\x7f]*")
 # Control characters other than tab never belong in a header value (RFC 9110 5.5).
 _BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _NO_BODY = (204, 304)
+_NO_BODY_CODES = ("204", "304")
+# Hop-by-hop headers (RFC 9110 7.6.1, werkzeug's list) and the length, which is recomputed.
+_DROPPED = frozenset(
+    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
+     "trailer", "transfer-encoding", "upgrade", "content-length"}
+)
 
 
 def validate_status(status: object) -> str:
     """Return ``status`` if it is a PEP 3333 status line, else raise."""
     if not isinstance(status, str) or not _STATUS.fullmatch(status):
         raise ResponseError(f"invalid status line {status!r}")
-    try:
-        status.encode("latin-1")
-    except UnicodeEncodeError:
-        raise ResponseError(f"status line {status!r} is not latin-1") from None
+    if not status.isascii():
+        try:
+            status.encode("latin-1")
+        except UnicodeEncodeError:
+            raise ResponseError(f"status line {status!r} is not latin-1") from None
     if int(status[:3]) < 200:
         raise ResponseError(f"informational status {status!r} cannot be a final response")
     return status
@@ -53,10 +58,11 @@ def validate_headers(headers: object) -> list[tuple[str, str]]:
             raise ResponseError("invalid header name (not an HTTP token)")
         if not isinstance(value, str) or _BAD_VALUE.search(value):
             raise ResponseError(f"invalid value for header {name!r} (control characters)")
-        try:
-            value.encode("latin-1")
-        except UnicodeEncodeError:
-            raise ResponseError(f"value of header {name!r} is not latin-1") from None
+        if not value.isascii():
+            try:
+                value.encode("latin-1")
+            except UnicodeEncodeError:
+                raise ResponseError(f"value of header {name!r} is not latin-1") from None
         checked.append((name, value))
     return checked
 
@@ -66,11 +72,9 @@ def finalise_headers(
 ) -> tuple[tuple[str, str], ...]:
     """Drop hop-by-hop headers and set ``Content-Length`` from the stored body."""
     kept = [
-        (name, value)
-        for name, value in headers
-        if not is_hop_by_hop_header(name) and name.lower() != "content-length"
+        (name, value) for name, value in headers if name.lower() not in _DROPPED
     ]
-    if int(status[:3]) not in _NO_BODY:
+    if status[:3] not in _NO_BODY_CODES:
         kept.append(("Content-Length", str(body_size)))
     return tuple(kept)
 

@@ -74,6 +74,30 @@ class Options:
         return self.result_ttl if route.result_ttl is None else route.result_ttl
 
 
+_META = frozenset(".^$*+?{}[]\\|()")
+
+
+def literal_prefix(pattern: re.Pattern[str]) -> str:
+    """A string every path that ``pattern.match`` accepts starts with ("" if unknown).
+
+    A cheap ``str.startswith`` on it spares most unmatched requests the regex.
+    Conservative: any alternation, escape, case folding or verbose mode gives
+    ``""``, and a literal followed by a quantifier that may repeat it zero
+    times is left out.
+    """
+    source = pattern.pattern
+    if pattern.flags & (re.IGNORECASE | re.VERBOSE) or "|" in source:
+        return ""
+    chars: list[str] = []
+    for char in source[1:] if source.startswith("^") else source:
+        if char in _META:
+            if char in "*?{" and chars:
+                chars.pop()
+            break
+        chars.append(char)
+    return "".join(chars)
+
+
 def _compile(pattern: object) -> re.Pattern[str]:
     if isinstance(pattern, re.Pattern):
         if not isinstance(pattern.pattern, str):

@@ -42,18 +42,27 @@ class TaskTimeout(WsgiAsyncError):
     """The task ran past its timeout."""
 
 
+# Built once: ``json.dumps`` with options builds a new encoder on every call.
+_ENCODE = json.JSONEncoder(separators=(",", ":")).encode
+_PHRASES = {status.value: status.phrase for status in HTTPStatus}
+_STATUS_LINES = {code: f"{code} {phrase}" for code, phrase in _PHRASES.items()}
+
+
 def status_line(code: int) -> str:
     """``"404 Not Found"`` for ``404``."""
-    return f"{code} {HTTPStatus(code).phrase}"
+    line = _STATUS_LINES.get(code)
+    return f"{code} {HTTPStatus(code).phrase}" if line is None else line
 
 
 def json_body(document: dict[str, object]) -> bytes:
-    return json.dumps(document, separators=(",", ":")).encode("utf-8")
+    return _ENCODE(document).encode("utf-8")
 
 
 def error_document(code: int, detail: str, **extra: object) -> dict[str, object]:
     """The JSON error object for status ``code``."""
-    return {"error": HTTPStatus(code).phrase, "detail": detail, **extra}
+    phrase = _PHRASES.get(code)
+    return {"error": HTTPStatus(code).phrase if phrase is None else phrase, "detail": detail,
+            **extra}
 
 
 def error_parts(

@@ -18,7 +18,7 @@ import weakref
 from collections.abc import Iterable
 from typing import Any
 
-from .config import Options, Route, RouteSpec, build_options
+from .config import Options, Route, RouteSpec, build_options, literal_prefix
 from .errors import QueueFull, RegistryError, RegistryFull
 from .executor import WorkerPool, check_uwsgi_threads
 from .prefer import Preferences, parse_idempotency_key, parse_prefer
@@ -101,7 +101,16 @@ class AsyncMiddleware:
         self.app = app
         self.options: Options = build_options(routes, **options)
         self.registry = self._open(registry)
-        self._status_prefix = self.options.status_path + "/"
+        self._status_path = self.options.status_path
+        self._status_length = len(self._status_path)
+        # (literal prefix, bound match, methods or None, route): the dispatch loop
+        # runs on every request, so it tests a prefix before running a regex.
+        self._matchers = tuple(
+            (literal_prefix(route.pattern), route.pattern.match, route.methods, route)
+            for route in self.options.routes
+        )
+        self._retry_after = [("Retry-After", str(self.options.retry_after))]
+        self._owner_func = self.options.owner
         self._worker: tuple[int, str] = (0, "")
         self._worker_lock = threading.Lock()
         self._warned_multiprocess = False
@@ -145,18 +154,24 @@ class AsyncMiddleware:
         self, environ: WSGIEnvironment, start_response: StartResponse
     ) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
-        if path.startswith(self._status_prefix) or path == self.options.status_path:
+        # The status path itself, or anything under it ("<status_path>/...").
+        if path.startswith(self._status_path) and (
+            len(path) == self._status_length or path[self._status_length] == "/"
+        ):
             self._start_supervisor()
             return self.status(environ, start_response, self._owner(environ))
-        route = self.options.route_for(path, environ.get("REQUEST_METHOD", "GET"))
-        if route is None:
-            return self.app(environ, start_response)
-        return self._submit(environ, start_response, route)
+        for prefix, match, methods, route in self._matchers:
+            if (
+                path.startswith(prefix)
+                and (methods is None or environ.get("REQUEST_METHOD", "GET") in methods)
+                and match(path) is not None
+            ):
+                return self._submit(environ, start_response, route)
+        return self.app(environ, start_response)
 
     def _submit(
         self, environ: WSGIEnvironment, start_response: StartResponse, route: Route
     ) -> Iterable[bytes]:
-        retry = [("Retry-After", str(self.options.retry_after))]
         try:
             body = read_body(environ, self.options.max_body_size)
             key = parse_idempotency_key(environ)
@@ -185,7 +200,7 @@ class AsyncMiddleware:
         except Refused as refusal:
             log.log(refusal.level, "wsgi_async: refused a task for %s: %s",
                     route.pattern.pattern, refusal.reason)
-            return send_error(environ, start_response, 503, refusal.detail, retry)
+            return send_error(environ, start_response, 503, refusal.detail, self._retry_after)
         if stored.id != record.id:
             if stored.fingerprint != record.fingerprint:
                 return send_error(environ, start_response, 422,
@@ -295,9 +310,9 @@ class AsyncMiddleware:
             log.warning("wsgi_async: registry unavailable, supervisor not started: %s", exc)
 
     def _owner(self, environ: WSGIEnvironment) -> str | None:
-        if self.options.owner is None:
+        if self._owner_func is None:
             return None
-        identity = self.options.owner(environ)
+        identity = self._owner_func(environ)
         if identity is None:
             return None
         return hashlib.sha256(identity.encode("utf-8")).hexdigest()
@@ -315,10 +330,9 @@ class AsyncMiddleware:
 def fingerprint(request: RequestSnapshot) -> str:
     """A hash of what makes a request the same request: method, target and body."""
     env = request.environ
-    digest = hashlib.sha256()
-    for part in (env.get("REQUEST_METHOD", ""), env.get("PATH_INFO", ""),
-                 env.get("QUERY_STRING", "")):
-        digest.update(part.encode("utf-8", "surrogateescape") + b"\0")
+    target = f"{env.get('REQUEST_METHOD', '')}\0{env.get('PATH_INFO', '')}\0" \
+        f"{env.get('QUERY_STRING', '')}\0"
+    digest = hashlib.sha256(target.encode("utf-8", "surrogateescape"))
     digest.update(request.body)
     return digest.hexdigest()
 

@@ -20,9 +20,14 @@ class Preferences:
     wait: float | None = None
 
 
+NO_PREFERENCES = Preferences()
+
+
 def parse_prefer(environ: WSGIEnvironment) -> Preferences:
     """Parse ``Prefer`` (RFC 7240 section 2); unknown or malformed preferences are ignored."""
-    header = environ.get("HTTP_PREFER", "")
+    header = environ.get("HTTP_PREFER")
+    if not header:
+        return NO_PREFERENCES
     respond_async = False
     wait: float | None = None
     for item in parse_list_header(header):

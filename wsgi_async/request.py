@@ -95,13 +95,19 @@ def read_body(environ: WSGIEnvironment, max_body_size: int) -> bytes:
 
 def snapshot(environ: WSGIEnvironment, body: bytes) -> RequestSnapshot:
     """Keep the request's JSON-safe entries and its body."""
+    # Every server-owned prefix has a dot and CGI names never do: test that first.
     kept = {
         key: value
         for key, value in environ.items()
-        if isinstance(key, str) and isinstance(value, str) and not key.startswith(SERVER_PREFIXES)
+        if isinstance(value, str) and isinstance(key, str)
+        and ("." not in key or not key.startswith(SERVER_PREFIXES))
     }
-    for key in ("SCRIPT_NAME", "PATH_INFO", "QUERY_STRING"):
-        kept.setdefault(key, "")
+    if "SCRIPT_NAME" not in kept:
+        kept["SCRIPT_NAME"] = ""
+    if "PATH_INFO" not in kept:
+        kept["PATH_INFO"] = ""
+    if "QUERY_STRING" not in kept:
+        kept["QUERY_STRING"] = ""
     kept["wsgi.url_scheme"] = str(environ.get("wsgi.url_scheme", "http"))
     kept["CONTENT_LENGTH"] = str(len(body))
     kept.pop("HTTP_TRANSFER_ENCODING", None)
@@ -133,19 +139,15 @@ def task_environ(
     request: RequestSnapshot, task: TaskHandle, *, multiprocess: bool
 ) -> WSGIEnvironment:
     """A fresh PEP 3333 environ for running ``request`` as ``task``."""
-    environ: WSGIEnvironment = dict(request.environ.items())
-    environ.update(
-        {
-            "wsgi.version": (1, 0),
-            "wsgi.url_scheme": request.environ.get("wsgi.url_scheme", "http"),
-            "wsgi.input": io.BytesIO(request.body),
-            "wsgi.input_terminated": True,
-            "wsgi.errors": ERRORS,
-            "wsgi.multithread": True,
-            "wsgi.multiprocess": multiprocess,
-            "wsgi.run_once": False,
-            "wsgi.file_wrapper": FileWrapper,
-            "wsgi_async.task": task,
-        }
-    )
+    environ: WSGIEnvironment = dict(request.environ)
+    environ["wsgi.version"] = (1, 0)
+    environ["wsgi.url_scheme"] = request.environ.get("wsgi.url_scheme", "http")
+    environ["wsgi.input"] = io.BytesIO(request.body)
+    environ["wsgi.input_terminated"] = True
+    environ["wsgi.errors"] = ERRORS
+    environ["wsgi.multithread"] = True
+    environ["wsgi.multiprocess"] = multiprocess
+    environ["wsgi.run_once"] = False
+    environ["wsgi.file_wrapper"] = FileWrapper
+    environ["wsgi_async.task"] = task
     return environ

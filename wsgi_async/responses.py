@@ -14,6 +14,7 @@ from .registry.base import StoredResponse
 from .types import StartResponse, WSGIEnvironment
 
 NO_STORE = ("Cache-Control", "no-store")
+JSON_TYPE = ("Content-Type", "application/json")
 
 
 def send_json(
@@ -25,15 +26,10 @@ def send_json(
 ) -> list[bytes]:
     """Answer ``code`` with ``document`` as JSON (no body for ``HEAD``)."""
     body = json_body(document)
-    start_response(
-        status_line(code),
-        [
-            ("Content-Type", "application/json"),
-            NO_STORE,
-            ("Content-Length", str(len(body))),
-            *headers,
-        ],
-    )
+    response_headers = [JSON_TYPE, NO_STORE, ("Content-Length", str(len(body)))]
+    if headers:
+        response_headers.extend(headers)
+    start_response(status_line(code), response_headers)
     return [] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
 
 

@@ -35,6 +35,8 @@ T = TypeVar("T")
 U = TypeVar("U")
 # What ``_start`` returns when the registry did not answer (distinct from None).
 _UNAVAILABLE = TaskRecord(id="", route="")
+_STORED_NOTE = {True: "", False: " (discarded: the task had already ended)",
+                None: " (kept for retry: the registry is unavailable)"}
 
 
 @dataclass(slots=True)
@@ -74,16 +76,16 @@ class TaskRunner:
             )
         if deadline is not None:
             self.supervisor.unwatch(task_id)
-        log.info(
-            "wsgi_async: task %s route=%s outcome=%s status=%s duration=%.3fs%s",
-            task_id,
-            record.route,
-            status.value,
-            response.status_code,
-            time.monotonic() - began,
-            {True: "", False: " (discarded: the task had already ended)",
-             None: " (kept for retry: the registry is unavailable)"}[stored],
-        )
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "wsgi_async: task %s route=%s outcome=%s status=%s duration=%.3fs%s",
+                task_id,
+                record.route,
+                status.value,
+                response.status_code,
+                time.monotonic() - began,
+                _STORED_NOTE[stored],
+            )
 
     def _drive(
         self, task_id: str, route: str, environ: dict[str, object], deadline: float | None

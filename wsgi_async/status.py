@@ -7,6 +7,7 @@ stored response.  ``Prefer: wait=N`` holds the request until the task ends
 
 from __future__ import annotations
 
+import functools
 import hmac
 import logging
 import re
@@ -34,6 +35,8 @@ class StatusEndpoint:
         self.registry = registry
         self.options = options
         self._waiters = threading.BoundedSemaphore(options.max_waiters)
+        self._retry_after = ("Retry-After", str(options.retry_after))
+        self._id_start = len(options.status_path) + 1
 
     def __call__(
         self, environ: WSGIEnvironment, start_response: StartResponse, owner: str | None
@@ -42,7 +45,7 @@ class StatusEndpoint:
         if method not in ("GET", "HEAD", "DELETE"):
             return send_error(environ, start_response, 405,
                               f"{method} is not allowed on a task", [("Allow", ALLOWED)])
-        task_id = environ.get("PATH_INFO", "")[len(self.options.status_path) + 1 :]
+        task_id = environ.get("PATH_INFO", "")[self._id_start :]
         if not TASK_ID.fullmatch(task_id):
             return self._not_found(environ, start_response)
         try:
@@ -59,7 +62,7 @@ class StatusEndpoint:
         except RegistryError as exc:
             log.warning("wsgi_async: status of %s unavailable: %s", task_id, exc)
             return send_error(environ, start_response, 503, "The task registry is unavailable.",
-                              [("Retry-After", str(self.options.retry_after))])
+                              [self._retry_after])
         if record.status.is_final and record.response is not None:
             return replay(environ, start_response, record.response)
         return self.pending(environ, start_response, record)
@@ -73,13 +76,12 @@ class StatusEndpoint:
     ) -> list[bytes]:
         """The 202 document of a task that has not finished."""
         location = task_url(environ, self.options.status_path, record.id)
-        return send_json(
-            environ,
-            start_response,
-            202,
-            {**record.summary(), "location": location},
-            [("Location", location), ("Retry-After", str(self.options.retry_after)), *headers],
-        )
+        document = record.summary()
+        document["location"] = location
+        extra = [("Location", location), self._retry_after]
+        if headers:
+            extra.extend(headers)
+        return send_json(environ, start_response, 202, document, extra)
 
     def wait_for(self, record: TaskRecord, timeout: float) -> TaskRecord | None:
         """Hold until ``record`` ends or ``timeout`` passes, within ``max_waiters``."""
@@ -115,5 +117,13 @@ def owns(record: TaskRecord, owner: str | None) -> bool:
 
 def task_url(environ: WSGIEnvironment, status_path: str, task_id: str) -> str:
     """The task's absolute path, under the application's mount point."""
-    script_name = quote(environ.get("SCRIPT_NAME", "").rstrip("/"), safe="/:@!$&'()*+,;=~")
+    script_name = environ.get("SCRIPT_NAME", "")
+    if script_name:
+        script_name = _quoted_mount(script_name)
     return f"{script_name}{status_path}/{task_id}"
+
+
+@functools.lru_cache(maxsize=64)
+def _quoted_mount(script_name: str) -> str:
+    """``SCRIPT_NAME`` quoted for a URL; an application has few mount points."""
+    return quote(script_name.rstrip("/"), safe="/:@!$&'()*+,;=~")

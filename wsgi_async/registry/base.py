@@ -30,7 +30,7 @@ class TaskStatus(str, Enum):
 
     @property
     def is_final(self) -> bool:
-        return self in (TaskStatus.DONE, TaskStatus.FAILED)
+        return self is TaskStatus.DONE or self is TaskStatus.FAILED
 
 
 @dataclass(slots=True, frozen=True)
@@ -124,6 +124,14 @@ class TaskRecord:
     timeout: float | None = None
     result_ttl: float = 300.0
     response: StoredResponse | None = None
+
+    def copy(self) -> TaskRecord:
+        """A shallow copy (what ``dataclasses.replace(self)`` gives, several times faster)."""
+        return TaskRecord(
+            self.id, self.route, self.status, self.created_at, self.started_at,
+            self.finished_at, self.worker, self.owner, self.fingerprint, self.attempts,
+            self.replay, self.timeout, self.result_ttl, self.response,
+        )
 
     @property
     def expires_at(self) -> float | None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import heapq
 import threading
 import time
-from dataclasses import replace
 
 from .base import (
     RegistryFull,
@@ -61,10 +60,10 @@ class MemoryRegistry:
             if idempotency_key is not None:
                 existing = self._keys.get(idempotency_key)
                 if existing is not None and existing in self._tasks:
-                    return replace(self._tasks[existing])
+                    return self._tasks[existing].copy()
             if len(self._tasks) >= self.max_tasks:
                 raise RegistryFull(f"the registry holds its maximum of {self.max_tasks} tasks")
-            stored = replace(record)
+            stored = record.copy()
             self._tasks[stored.id] = stored
             if request is not None:
                 self._requests[stored.id] = request
@@ -73,12 +72,12 @@ class MemoryRegistry:
                 self._key_of[stored.id] = idempotency_key
             if stored.worker is not None:
                 self._held.setdefault(stored.worker, set()).add(stored.id)
-            return replace(stored)
+            return stored.copy()
 
     def get(self, task_id: str) -> TaskRecord | None:
         with self._lock:
             record = self._live_locked(task_id)
-            return None if record is None else replace(record)
+            return None if record is None else record.copy()
 
     def request(self, task_id: str) -> RequestSnapshot | None:
         with self._lock:
@@ -94,7 +93,7 @@ class MemoryRegistry:
             record.status = TaskStatus.RUNNING
             record.started_at = time.time()
             record.attempts += 1
-            return replace(record)
+            return record.copy()
 
     def finish(
         self, task_id: str, worker: str, status: TaskStatus, response: StoredResponse
@@ -122,7 +121,7 @@ class MemoryRegistry:
                 record = self._live_locked(task_id)
                 remaining = deadline - time.monotonic()
                 if record is None or record.status.is_final or remaining <= 0:
-                    return None if record is None else replace(record)
+                    return None if record is None else record.copy()
                 self._changed.wait(remaining)
 
     def delete(self, task_id: str) -> bool:
@@ -159,7 +158,7 @@ class MemoryRegistry:
                         record.worker = worker
                         record.started_at = None
                         self._held.setdefault(worker, set()).add(task_id)
-                        requeued.append(replace(record))
+                        requeued.append(record.copy())
                     else:
                         lost = lost_worker_response(task_id)
                         self._settle_locked(record, TaskStatus.FAILED, lost)
@@ -185,7 +184,9 @@ class MemoryRegistry:
 
     def _live_locked(self, task_id: str) -> TaskRecord | None:
         record = self._tasks.get(task_id)
-        if record is not None and (record.expires_at or float("inf")) <= time.time():
+        if record is None or record.finished_at is None:
+            return record
+        if record.finished_at + record.result_ttl <= time.time():
             self._drop_locked(task_id)
             return None
         return record

@@ -30,21 +30,32 @@ def _n() -> int:
     return int(request.args.get("n", "0"))
 
 
+def _args(name: str) -> tuple[Any, ...]:
+    """The work's arguments from the query: ``n``, and ``seconds`` for ``sleep``."""
+    if name == "sleep" and "seconds" in request.args:
+        return _n(), float(request.args["seconds"])
+    return (_n(),)
+
+
 def _endpoint(name: str) -> Callable[[], Any]:
     work = WORK[name]
 
     def view() -> Any:
-        return jsonify(work(_n()))
+        return jsonify(work(*_args(name)))
 
     view.__name__ = name
     return view
 
 
-def flask_app(decorate: Callable[[Callable[..., Any]], Callable[..., Any]] | None = None) -> Flask:
-    """``GET /noop`` synchronous; ``POST /noop`` and ``POST /sleep`` plain or decorated."""
+def flask_app(decorate: Callable[[Callable[..., Any]], Callable[..., Any]] | None = None,
+              *, posts: bool = True) -> Flask:
+    """``GET /noop`` synchronous; ``POST /noop`` and ``POST /sleep`` plain or decorated.
+
+    A front for a task queue (``posts=False``) adds its own ``POST`` routes.
+    """
     app = Flask("bench")
     app.add_url_rule("/noop", "noop_get", _endpoint("noop"), methods=["GET"])
-    for name in WORK:
+    for name in WORK if posts else ():
         view = _endpoint(name)
         app.add_url_rule(f"/{name}", name, decorate(view) if decorate else view, methods=["POST"])
     return app
@@ -74,12 +85,13 @@ def _pending(task_id: str) -> Response:
 
 def celery_front() -> Flask:
     """Submit with ``task.delay()``; the status route reads ``AsyncResult``."""
-    from .celery_app import app as celery, tasks
+    from .celery_app import app as celery
+    from .celery_app import tasks
 
-    app = flask_app()
+    app = flask_app(posts=False)
     for name, task in tasks.items():
-        def submit(task: Any = task) -> Response:
-            return _accepted(task.delay(_n()).id)
+        def submit(task: Any = task, name: str = name) -> Response:
+            return _accepted(task.delay(*_args(name)).id)
 
         app.add_url_rule(f"/{name}", name, submit, methods=["POST"])
 
@@ -103,10 +115,10 @@ def rq_front() -> Flask:
 
     connection = Redis.from_url(os.environ["BENCH_REDIS_URL"])
     queue = Queue(os.environ.get("BENCH_QUEUE", "bench"), connection=connection)
-    app = flask_app()
+    app = flask_app(posts=False)
     for name, work in WORK.items():
-        def submit(work: Any = work) -> Response:
-            return _accepted(queue.enqueue(work, _n(), result_ttl=600).id)
+        def submit(work: Any = work, name: str = name) -> Response:
+            return _accepted(queue.enqueue(work, *_args(name), result_ttl=600).id)
 
         app.add_url_rule(f"/{name}", name, submit, methods=["POST"])
 

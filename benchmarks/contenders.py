@@ -17,8 +17,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .procs import HOST, BenchError, Processes, Skipped, children_of, cpu_seconds, descendants
-from .procs import free_port, status
+from .procs import (
+    HOST,
+    BenchError,
+    Processes,
+    Skipped,
+    children_of,
+    cpu_seconds,
+    descendants,
+    free_port,
+    status,
+)
 
 THREADS = 8
 CELERY_THREADS = 8

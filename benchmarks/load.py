@@ -10,6 +10,7 @@ latency and polls per task are all measured the same way for every contender.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -82,14 +83,12 @@ class Connection:
         writer, self._writer, self._reader = self._writer, None, None
         if writer is not None:
             writer.close()
-            try:
+            with contextlib.suppress(ConnectionError, OSError):
                 await writer.wait_closed()
-            except (ConnectionError, OSError):
-                pass
 
 
 async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
-    parts = []
+    parts: list[bytes] = []
     for _ in range(1_000_000):
         size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
         if size == 0:

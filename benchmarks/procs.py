@@ -89,7 +89,8 @@ def children_of(pid: int) -> list[int]:
 
 def descendants(pid: int) -> list[int]:
     """``pid`` and every live process below it."""
-    found, todo = [], [pid]
+    found: list[int] = []
+    todo = [pid]
     while todo and len(found) < 10_000:
         current = todo.pop()
         found.append(current)

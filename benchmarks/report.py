@@ -30,7 +30,7 @@ TABLES: tuple[tuple[str, tuple[str, ...], tuple[tuple[str, str], ...]], ...] = (
         ("polls/task", "polls_per_task"), ("result after done, p50 ms", "delivery_p50_ms"),
         ("CPU ms/task", "cpu_ms_per_task"), ("+ Redis CPU ms/task", "redis_cpu_ms_per_task"),
         ("errors", "errors"))),
-    ("Overload: a burst of 5 x (max_workers + max_queued) `sleep` submissions at once",
+    ("Overload: a burst of 5 x (max_workers + max_queued) `sleep?seconds=1` submissions at once",
      ("overload",), (
         ("burst", "burst"), ("202", "accepted"), ("503", "refused_503"),
         ("Retry-After", "retry_after"), ("lost", "lost"), ("p99 of 202s ms", "p99_accepted_ms"),

@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import asdict
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -260,8 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "redis": run.settings.redis_url or run.settings.why_no_redis,
             "redis_keys_deleted": deleted,
         },
-        "profile": {k: v for k, v in vars(profile).items()} if hasattr(profile, "__dict__")
-        else {name: getattr(profile, name) for name in profile.__slots__},
+        "profile": asdict(profile),
         "contenders": [c.name for c in CONTENDERS],
         "scenarios": sorted(wanted),
         "rows": run.rows,

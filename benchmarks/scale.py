@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
 
 from wsgi_async.registry import MemoryRegistry, Registry, StoredResponse, TaskRecord, TaskStatus
 
@@ -216,23 +217,31 @@ def run_redis(
         raise Skipped(f"redis-py is not installed ({exc})") from None
     ours = f"{prefix}scale-{secrets.token_hex(4)}:"
     registry = RedisRegistry.from_url(redis_url, max_tasks=capacity(levels, ops), prefix=ours)
+    measured = False
     try:
         try:
             registry.client.ping()
         except redis.RedisError as exc:
-            raise Skipped(f"Redis is unreachable at {redis_url}: {exc}") from None
+            raise Skipped(f"Redis is unreachable at {redact(redis_url)}: {exc}") from None
         client = registry.client
 
         def count() -> int:
             return int(client.zcard(ours + "tasks"))
 
-        return measure(
+        rows = measure(
             CONTENDERS["redis"], registry, levels, ops, count,
             functools.partial(pipelined_fill, registry),
         )
+        measured = True
+        return rows
     finally:
         try:
             delete_keys(registry.client, ours)
+        except redis.RedisError:
+            # After a failed or skipped run (Redis likely gone) the first error is the
+            # one to see; after a good run, keys left behind are an error of their own.
+            if measured:
+                raise
         finally:
             registry.close()
 
@@ -283,26 +292,17 @@ def pipelined_fill(registry: RedisRegistry, ids: Sequence[str]) -> float:
 
 
 def delete_keys(client: Any, prefix: str) -> int:
-    """Delete every key under ``prefix`` (SCAN + DEL in batches, never FLUSHDB); how many.
-
-    A Redis that became unreachable leaves nothing to delete that we could reach: that
-    case returns 0 rather than hiding the error that stopped the run.
-    """
-    import redis
-
+    """Delete every key under ``prefix`` (SCAN + DEL in batches, never FLUSHDB); how many."""
     pattern = "".join("\\" + c if c in "*?[]\\" else c for c in prefix) + "*"
     deleted = 0
     batch: list[bytes] = []
-    try:
-        for key in client.scan_iter(match=pattern, count=1000):
-            batch.append(key)
-            if len(batch) >= DELETE_BATCH:
-                deleted += int(client.delete(*batch))
-                batch = []
-        if batch:
+    for key in client.scan_iter(match=pattern, count=1000):
+        batch.append(key)
+        if len(batch) >= DELETE_BATCH:
             deleted += int(client.delete(*batch))
-    except redis.ConnectionError:
-        return deleted
+            batch = []
+    if batch:
+        deleted += int(client.delete(*batch))
     return deleted
 
 
@@ -350,7 +350,10 @@ def format_rows(rows: Sequence[dict[str, Any]]) -> str:
             f"{row['vs_first_level']:.2f}",
             "-" if math.isnan(fill_rate) else f"{fill_rate:,.0f}",
         ])
-    widths = [max(len(h), *(len(r[i]) for r in body if len(r) > i)) for i, h in enumerate(headers)]
+    widths = [len(h) for h in headers]
+    for cells in body:
+        if len(cells) == len(headers):
+            widths = [max(w, len(c)) for w, c in zip(widths, cells, strict=True)]
 
     def line(cells: Sequence[str]) -> str:
         if len(cells) < len(headers):  # a skipped backend: its reason runs across
@@ -359,6 +362,14 @@ def format_rows(rows: Sequence[dict[str, Any]]) -> str:
         return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in pairs)
 
     return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, body)])
+
+
+def redact(url: str) -> str:
+    """``url`` without its user name and password, fit for a report."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
 
 
 def parse_levels(text: str) -> list[int]:

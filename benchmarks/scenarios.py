@@ -22,6 +22,7 @@ from .procs import BenchError, status
 POLL_INTERVAL = 0.005  # how often a client that cannot long-poll polls
 WAIT = (("Prefer", "wait=10"),)
 MAX_POLLS = 10_000  # with POLL_INTERVAL: about 50 s, past any task here
+OVERLOAD_SLEEP = 1.0  # seconds: long enough that the whole burst is in flight at once
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,12 +205,12 @@ def summarise(scenario: str, contender: Contender, raw: dict[str, Any]) -> dict[
 
 
 def merge(raws: list[dict[str, Any]]) -> dict[str, Any]:
-    total = {"samples": Samples(), "cpu": 0.0, "redis_cpu": 0.0, "lost": 0}
+    """One contender's passes as if they were one run."""
+    samples = Samples()
     for raw in raws:
-        total["samples"].merge(raw["samples"])
-        for key in ("cpu", "redis_cpu", "lost"):
-            total[key] += raw[key]
-    return total
+        samples.merge(raw["samples"])
+    return {"samples": samples, **{key: sum(raw[key] for raw in raws)
+                                   for key in ("cpu", "redis_cpu", "lost")}}
 
 
 # -- pass-through --------------------------------------------------------------------
@@ -227,7 +228,8 @@ def passthrough(settings: Settings, profile: Profile, bare: Contender,
         _check(response.body, i)
 
     deployments = [Deployment(settings, bare), Deployment(settings, wrapped)]
-    totals = {d.contender.name: {"samples": Samples(), "cpu": 0.0} for d in deployments}
+    totals: dict[str, dict[str, Any]] = {
+        d.contender.name: {"samples": Samples(), "cpu": 0.0} for d in deployments}
     try:
         for deployment in deployments:
             run_load(deployment.port, profile.clients, profile.warmup * 5, 30.0, job)
@@ -304,7 +306,8 @@ def overload(settings: Settings, profile: Profile, contender: Contender) -> dict
         sampler = Sampler(read)
         sampler.start()
         try:
-            requests = [("POST", f"/sleep?n={i}", ()) for i in range(size)]
+            requests = [("POST", f"/sleep?n={i}&seconds={OVERLOAD_SLEEP}", ())
+                        for i in range(size)]
             answers = asyncio.run(burst(deployment.port, requests, 120.0))
             accepted = [(i, r.headers["location"]) for i, (_, r) in enumerate(answers)
                         if r is not None and r.status == 202]

@@ -19,7 +19,9 @@ def noop(n: int) -> dict[str, Any]:
 
 
 def sleep(n: int, seconds: float = SLEEP_SECONDS) -> dict[str, Any]:
-    time.sleep(min(seconds, 30.0))
+    """Sleep ``seconds`` (at most 5), like a slow query."""
+    seconds = min(max(seconds, 0.0), 5.0)
+    time.sleep(seconds)
     return {"n": n, "slept": seconds, "done_at": time.time()}
 
 

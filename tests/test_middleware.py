@@ -651,6 +651,20 @@ def test_tasks_are_bound_to_their_owner(cleanup: list[AsyncMiddleware]) -> None:
     assert app.get(location, headers={"X-User": "alice"}, status=201).body == b"echo:mine"
 
 
+def test_another_owner_never_waits_on_a_pending_task(cleanup: list[AsyncMiddleware]) -> None:
+    gate = Gate()
+    _, app = make(cleanup, gate, owner=lambda environ: environ.get("HTTP_X_USER"))
+    location = app.post("/async", b"", headers={"X-User": "alice"}).headers["Location"]
+    try:
+        began = time.monotonic()
+        app.get(location, headers={"X-User": "mallory", "Prefer": "wait=5"}, status=404)
+        app.get(location, headers={"Prefer": "wait=5"}, status=404)
+        assert time.monotonic() - began < 2
+        app.get(location, headers={"X-User": "alice", "Prefer": "wait=1"}, status=202)
+    finally:
+        gate.opened.set()
+
+
 def test_idempotency_key(cleanup: list[AsyncMiddleware]) -> None:
     calls: list[bytes] = []
 

@@ -14,8 +14,10 @@ from wsgi_async.registry import (
     RegistryFull,
     RequestSnapshot,
     StoredResponse,
+    TaskRecord,
     TaskStatus,
 )
+from wsgi_async.registry.base import wait_if
 
 OK = StoredResponse(
     "200 OK",
@@ -40,6 +42,22 @@ def test_create_and_get_round_trip(registry: Registry) -> None:
     assert got.result_ttl == 60.0
     assert got.created_at == pytest.approx(record.created_at, abs=1e-3)
     assert got.response is None and got.started_at is None
+
+
+def test_create_keeps_every_field_exactly(registry: Registry) -> None:
+    # Non-ASCII text, quotes and backslashes, a stored response and an empty key.
+    record = TaskRecord(id=new_task().id, route="^/caf\u00e9/\"x\"\\d+\u2603", worker="w1",
+                        owner="o\u00fc", attempts=3, status=TaskStatus.DONE, started_at=1.5,
+                        finished_at=time.time(), response=OK, replay=True)
+    created = registry.create(record, idempotency_key="")
+    assert created == record
+    got = registry.get(record.id)
+    assert got is not None
+    assert (got.route, got.owner, got.attempts, got.status, got.replay) == (
+        record.route, "o\u00fc", 3, TaskStatus.DONE, True)
+    assert got.response == OK and got.started_at == 1.5
+    again = registry.create(new_task(), idempotency_key="")
+    assert again.id == record.id
 
 
 def test_unknown_task_is_none(registry: Registry) -> None:
@@ -111,6 +129,24 @@ def test_wait_times_out_on_a_pending_task(registry: Registry) -> None:
     elapsed = time.monotonic() - began
     assert got is not None and got.status is TaskStatus.QUEUED
     assert 0.25 <= elapsed < 2
+
+
+def test_wait_if_checks_the_first_read_and_never_blocks_when_refused(
+    registry: Registry,
+) -> None:
+    record = registry.create(new_task(owner="alice"))
+    began = time.monotonic()
+    assert wait_if(registry, record.id, 5.0, lambda found: found.owner == "mallory") is None
+    assert wait_if(registry, "x" * 32, 5.0, lambda found: True) is None
+    assert time.monotonic() - began < 1
+    got = wait_if(registry, record.id, 0.3, lambda found: found.owner == "alice")
+    assert got is not None and got.status is TaskStatus.QUEUED
+    assert time.monotonic() - began >= 0.25
+    registry.start(record.id, "w1")
+    threading.Timer(0.2, registry.finish, (record.id, "w1", TaskStatus.DONE, OK)).start()
+    done = wait_if(registry, record.id, 10.0, lambda found: True)
+    assert done is not None and done.status is TaskStatus.DONE and done.response == OK
+    assert time.monotonic() - began < 5
 
 
 def test_wait_is_woken_by_the_completion(registry: Registry) -> None:

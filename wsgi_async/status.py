@@ -18,7 +18,7 @@ from urllib.parse import quote
 from .config import Options
 from .errors import RegistryError
 from .prefer import parse_prefer
-from .registry.base import Registry, TaskRecord
+from .registry.base import Registry, TaskRecord, wait_if
 from .responses import replay, send_empty, send_error, send_json
 from .types import StartResponse, WSGIEnvironment
 
@@ -49,16 +49,23 @@ class StatusEndpoint:
         if not TASK_ID.fullmatch(task_id):
             return self._not_found(environ, start_response)
         try:
-            record = self.registry.get(task_id)
-            if record is None or not owns(record, owner):
+            wait = None if method == "DELETE" else parse_prefer(environ).wait
+            # A long-poll reads, checks the owner and waits in one go (one read fewer),
+            # within max_waiters; past it, or without a wait, it is a plain read.
+            if wait and self._waiters.acquire(blocking=False):
+                try:
+                    record = wait_if(self.registry, task_id, min(wait, self.options.max_wait),
+                                     lambda found: owns(found, owner))
+                finally:
+                    self._waiters.release()
+            else:
+                record = self.registry.get(task_id)
+                if record is not None and not owns(record, owner):
+                    record = None
+            if record is None:
                 return self._not_found(environ, start_response)
             if method == "DELETE":
                 return self._delete(environ, start_response, record)
-            wait = parse_prefer(environ).wait
-            if wait and not record.status.is_final:
-                record = self.wait_for(record, min(wait, self.options.max_wait))
-                if record is None:
-                    return self._not_found(environ, start_response)
         except RegistryError as exc:
             log.warning("wsgi_async: status of %s unavailable: %s", task_id, exc)
             return send_error(environ, start_response, 503, "The task registry is unavailable.",

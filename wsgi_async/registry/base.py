@@ -10,9 +10,10 @@ from __future__ import annotations
 import base64
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Protocol, runtime_checkable
+from typing import Protocol, cast, runtime_checkable
 
 from ..errors import RegistryError as RegistryError
 from ..errors import RegistryFull as RegistryFull
@@ -234,3 +235,24 @@ class Registry(Protocol):
     def close(self) -> None:
         """Release connections and files."""
         ...
+
+
+def wait_if(
+    registry: Registry, task_id: str, timeout: float, accept: Callable[[TaskRecord], bool]
+) -> TaskRecord | None:
+    """Read the task; if ``accept`` says yes and it is pending, wait up to ``timeout`` for it.
+
+    ``None`` when the task is unknown or not accepted (then nothing blocks).
+    A backend whose :meth:`Registry.wait` must read the task first anyway
+    (Redis, SQLite) has a ``wait_if`` method that does the same in one read
+    fewer; any other registry gets a plain ``get`` then ``wait``.
+    """
+    own = getattr(registry, "wait_if", None)
+    if own is not None:
+        return cast("TaskRecord | None", own(task_id, timeout, accept))
+    record = registry.get(task_id)
+    if record is None or not accept(record):
+        return None
+    if record.status.is_final:
+        return record
+    return registry.wait(task_id, timeout)

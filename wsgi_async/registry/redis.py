@@ -21,15 +21,15 @@ local waiters when a task id is published on ``done``.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import random
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import replace
 from typing import Any, cast
 
 try:
@@ -103,11 +103,15 @@ local function settle(id, status, headers, body)
 end
 """
 
-# KEYS: task.  ARGV: prefix, id, max_tasks, has_key, key, has_request, request, fields...
+# The record's text fields travel as one JSON object: every argument costs the
+# client as much as a short round trip's worth of packing.
+# KEYS: task.  ARGV: prefix, id, max_tasks, 'k' .. key or '', request or '',
+# fields (JSON object of strings), body (stored only when the fields have headers).
 _CREATE = """
-local id = ARGV[2]
-if ARGV[4] == '1' then
-  local existing = redis.call('GET', P .. 'key:' .. ARGV[5])
+local id, has_key = ARGV[2], ARGV[4] ~= ''
+local key = string.sub(ARGV[4], 2)
+if has_key then
+  local existing = redis.call('GET', P .. 'key:' .. key)
   if existing then
     local fields = redis.call('HGETALL', P .. 'task:' .. existing)
     if #fields > 0 then return {'existing', fields} end
@@ -116,13 +120,22 @@ end
 local index = P .. 'tasks'
 redis.call('ZREMRANGEBYSCORE', index, '-inf', stamp(clock()))
 if redis.call('ZCARD', index) >= tonumber(ARGV[3]) then return {'full'} end
+local fields = cjson.decode(ARGV[6])
+local flat = {}
+for name, value in pairs(fields) do
+  flat[#flat + 1] = name
+  flat[#flat + 1] = value
+end
+if fields['headers'] then
+  flat[#flat + 1] = 'body'
+  flat[#flat + 1] = ARGV[7]
+end
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], unpack(ARGV, 8))
+redis.call('HSET', KEYS[1], unpack(flat))
 redis.call('ZADD', index, '+inf', id)
-if ARGV[6] == '1' then redis.call('SET', P .. 'request:' .. id, ARGV[7]) end
-if ARGV[4] == '1' then redis.call('SET', P .. 'key:' .. ARGV[5], id) end
-local worker = redis.call('HGET', KEYS[1], 'worker')
-if worker then redis.call('SADD', P .. 'held:' .. worker, id) end
+if ARGV[5] ~= '' then redis.call('SET', P .. 'request:' .. id, ARGV[5]) end
+if has_key then redis.call('SET', P .. 'key:' .. key, id) end
+if fields['worker'] then redis.call('SADD', P .. 'held:' .. fields['worker'], id) end
 return {'created'}
 """
 
@@ -307,24 +320,23 @@ class RedisRegistry:
         if math.isnan(record.result_ttl):
             raise ValueError(f"result_ttl must be a number of seconds, got {record.result_ttl!r}")
         fields = _encode(record, idempotency_key)
+        body = fields.pop("body", b"")
         args: list[str | bytes | int] = [
             self.prefix,
             record.id,
             self.max_tasks,
-            "0" if idempotency_key is None else "1",
-            idempotency_key or "",
-            "0" if request is None else "1",
+            "" if idempotency_key is None else "k" + idempotency_key,
             "" if request is None else request.to_json(),
+            _FIELDS_JSON(fields),
+            body,
         ]
-        for name, value in fields.items():
-            args += [name, value]
         with self._guard("create a task"):
             reply = self._create(keys=[self._task(record.id)], args=args)
         if reply[0] == b"full":
             raise RegistryFull(f"the registry holds its maximum of {self.max_tasks} tasks")
         if reply[0] == b"existing":
             return _decode(_pairs(reply[1]))
-        return replace(record)
+        return record.copy()
 
     def get(self, task_id: str) -> TaskRecord | None:
         with self._guard("read a task"):
@@ -360,22 +372,38 @@ class RedisRegistry:
 
     def wait(self, task_id: str, timeout: float) -> TaskRecord | None:
         """Block until the task settles, woken through pub/sub, never by polling."""
+        return self.wait_if(task_id, timeout, None)
+
+    def wait_if(
+        self, task_id: str, timeout: float, accept: Callable[[TaskRecord], bool] | None
+    ) -> TaskRecord | None:
+        """:meth:`wait`, but ``None`` at once if the first read is not accepted.
+
+        Lets a caller check a task (its owner) and wait for it in one read.
+        """
         deadline = time.monotonic() + max(0.0, timeout)
         listener = self._listener_here()
         if listener is None:  # closed: answer without blocking
-            return self.get(task_id)
+            record = self.get(task_id)
+            return None if record is None or (accept and not accept(record)) else record
         # Interest is registered before each read, so a completion that lands
         # after the read sets the event and the wait below returns at once.
         with listener.watch(task_id) as woken:
+            record = self.get(task_id)
+            if record is None or (accept is not None and not accept(record)):
+                return None
             while True:
-                woken.clear()
-                record = self.get(task_id)
                 remaining = deadline - time.monotonic()
-                if record is None or record.status.is_final or remaining <= 0:
+                if record.status.is_final or remaining <= 0:
                     return record
                 woken.wait(remaining)
                 if self._closed:  # close() woke us: answer with what we have
                     return record
+                woken.clear()
+                latest = self.get(task_id)
+                if latest is None:
+                    return None
+                record = latest
 
     def delete(self, task_id: str) -> bool:
         with self._guard("delete a task"):
@@ -597,6 +625,9 @@ def _describe(client: redis.Redis) -> str:
     if kwargs.get("path"):
         return f"unix:{kwargs['path']} db {kwargs.get('db', 0)}"
     return f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"
+
+
+_FIELDS_JSON = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def _encode(record: TaskRecord, idempotency_key: str | None) -> dict[str, str | bytes]:

@@ -25,7 +25,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -281,18 +281,31 @@ class SQLiteRegistry:
         return settled
 
     def wait(self, task_id: str, timeout: float) -> TaskRecord | None:
+        return self.wait_if(task_id, timeout, None)
+
+    def wait_if(
+        self, task_id: str, timeout: float, accept: Callable[[TaskRecord], bool] | None
+    ) -> TaskRecord | None:
+        """:meth:`wait`, but ``None`` at once if the first read is not accepted."""
         if timeout <= 0:
-            return self.get(task_id)
+            record = self.get(task_id)
+            return None if record is None or (accept and not accept(record)) else record
         deadline = time.monotonic() + timeout
         # Subscribe first, then read: a completion after the read always wakes us.
         with self._state().wakeups.subscribe(task_id) as woken:
+            record = self.get(task_id)
+            if record is None or (accept is not None and not accept(record)):
+                return None
             while True:
-                record = self.get(task_id)
                 remaining = deadline - time.monotonic()
-                if record is None or record.status.is_final or remaining <= 0:
+                if record.status.is_final or remaining <= 0:
                     return record
                 woken.wait(min(remaining, SAFETY_NET))
                 woken.clear()
+                latest = self.get(task_id)
+                if latest is None:
+                    return None
+                record = latest
 
     def delete(self, task_id: str) -> bool:
         with self._write() as db:

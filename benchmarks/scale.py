@@ -10,8 +10,8 @@ Stored tasks accumulate: the filled tasks and the cycles' own tasks all stay sto
 ``result_ttl`` outlives the run), so while a level is timed the count grows from the level
 to the level plus ``ops``; ``stored`` is the count when timing starts.  Filling runs the
 same ``create``/``start``/``finish`` calls in a tight loop and is timed too (``fill_per_s``);
-for Redis, where each call is a round trip, it runs the registry's own scripts pipelined
-(see :func:`pipelined_fill`), so its fill rate is not the API's: a cycle's is.
+for Redis, where each call is a round trip, the same calls' scripts are pipelined (see
+:func:`pipelined_fill`), so its fill rate is not the API's round-trip rate: a cycle's is.
 Each level is timed as the best of 3 repeats of ``ops // 3`` cycles (the least disturbed
 repeat; the garbage collector stays on but is run before each repeat).  Task ids are
 generated before the timer starts, so the figures are the registry's cost alone.
@@ -38,6 +38,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 from wsgi_async.registry import MemoryRegistry, Registry, StoredResponse, TaskRecord, TaskStatus
 
+if TYPE_CHECKING:
+    from wsgi_async.registry.redis import RedisRegistry
+
 SCENARIO = "scale"
 REPEATS = 3
 WORKER = "bench-scale-worker"
@@ -50,9 +53,6 @@ CONTENDERS = {
     "sqlite": "wsgi_async sqlite",
     "redis": "wsgi_async redis",
 }
-if TYPE_CHECKING:
-    from wsgi_async.registry.redis import RedisRegistry
-
 DEFAULT_LEVELS = (1_000, 10_000, 100_000)
 DEFAULT_OPS = 3_000
 DEFAULT_REDIS_URL = os.environ.get("WSGI_ASYNC_BENCH_REDIS", "redis://127.0.0.1:6379/14")
@@ -75,7 +75,10 @@ def new_id() -> str:
 
 def settle(registry: Registry, task_id: str) -> None:
     """Create, start and finish one task the way the middleware does, checking each answer."""
-    registry.create(TaskRecord(id=task_id, route=ROUTE, worker=WORKER, result_ttl=RESULT_TTL))
+    record = TaskRecord(id=task_id, route=ROUTE, worker=WORKER, result_ttl=RESULT_TTL)
+    created = registry.create(record)
+    if created.id != task_id or created.status is not TaskStatus.QUEUED:
+        raise ScaleError(f"create({task_id!r}) answered {created!r}, expected it queued")
     started = registry.start(task_id, WORKER)
     if started is None or started.status is not TaskStatus.RUNNING:
         raise ScaleError(f"start({task_id!r}) answered {started!r}, expected a running task")
@@ -106,10 +109,9 @@ def check_done(registry: Registry, task_id: str) -> None:
     if (
         record is None
         or record.status is not TaskStatus.DONE
-        or record.response is None
-        or record.response.body != BODY
+        or record.response != RESPONSE
     ):
-        raise ScaleError(f"get({task_id!r}) answered {record!r}, expected it DONE with {BODY!r}")
+        raise ScaleError(f"get({task_id!r}) answered {record!r}, expected DONE, {RESPONSE!r}")
 
 
 def time_cycles(registry: Registry, ops: int) -> tuple[int, float]:
@@ -246,48 +248,65 @@ def run_redis(
             registry.close()
 
 
+class ScriptTap:
+    """Stands in for one of a RedisRegistry's Lua scripts: records each call, gives ``reply``."""
+
+    def __init__(self, name: str, reply: Any, calls: list[tuple[str, Any, Any]]) -> None:
+        self.name = name
+        self.reply = reply
+        self.calls = calls
+
+    def __call__(self, keys: Any = None, args: Any = None, client: Any = None) -> Any:
+        self.calls.append((self.name, keys, args))
+        return self.reply
+
+
 def pipelined_fill(registry: RedisRegistry, ids: Sequence[str]) -> float:
-    """Store finished tasks in Redis with the registry's own scripts, pipelined; seconds taken.
+    """Store finished tasks in Redis through the API, its scripts pipelined; seconds taken.
 
-    The API costs three round trips per task (about 1 ms here), so a 100,000-task fill
-    through it takes minutes.  This runs the very scripts ``create``, ``start`` and
-    ``finish`` run, with the same arguments, ``PIPELINE_TASKS`` tasks per round trip, and
-    checks every reply: the stored state is the one the API leaves.  It reaches into the
-    registry's internals, so a change there breaks it loudly (or the read-back check).
+    Through the API each of ``create``, ``start`` and ``finish`` is a round trip (about
+    1 ms a task here), so a 100,000-task fill takes minutes.  Here the same API calls run,
+    but the registry's scripts are swapped for taps that record each call's keys and
+    arguments; the recorded calls then run, in order, on the real scripts in one pipeline
+    per ``PIPELINE_TASKS`` tasks, and every reply is checked as the API would check it.
+    The stored state is the API's; only the round trips are batched.
     """
-    from wsgi_async.registry.redis import _encode
+    from wsgi_async.registry.redis import _decode, _encode, _pairs
 
-    prefix = registry.prefix
-    headers = RESPONSE.headers_json()
+    names = ("_create", "_start", "_finish")
+    scripts = {name: getattr(registry, name) for name in names}
+    running = TaskRecord(id="tap", route=ROUTE, status=TaskStatus.RUNNING, worker=WORKER,
+                         attempts=1, result_ttl=RESULT_TTL)
+    start_reply = [
+        part if isinstance(part, bytes) else part.encode()
+        for field in _encode(running, None).items()
+        for part in field
+    ]
+    replies: dict[str, Any] = {"_create": [b"created"], "_start": start_reply, "_finish": 1}
     started = time.perf_counter()
     for first in range(0, len(ids), PIPELINE_TASKS):
-        batch = ids[first : first + PIPELINE_TASKS]
+        calls: list[tuple[str, Any, Any]] = []
+        for name in names:
+            setattr(registry, name, ScriptTap(name, replies[name], calls))
+        try:
+            for task_id in ids[first : first + PIPELINE_TASKS]:
+                settle(registry, task_id)
+        finally:
+            for name, script in scripts.items():
+                setattr(registry, name, script)
         with registry.client.pipeline(transaction=False) as pipe:
-            for task_id in batch:
-                record = TaskRecord(id=task_id, route=ROUTE, worker=WORKER, result_ttl=RESULT_TTL)
-                args: list[str | bytes | int] = [
-                    prefix, task_id, registry.max_tasks, "0", "", "0", ""
-                ]
-                for name, value in _encode(record, None).items():
-                    args += [name, value]
-                registry._create(keys=[registry._task(task_id)], args=args, client=pipe)
-            for task_id in batch:
-                registry._start(keys=[registry._task(task_id)], args=[prefix, WORKER], client=pipe)
-            for task_id in batch:
-                registry._finish(
-                    keys=[registry._task(task_id)],
-                    args=[prefix, task_id, WORKER, TaskStatus.DONE.value, headers, BODY],
-                    client=pipe,
-                )
-            replies = pipe.execute()
-        n = len(batch)
-        created, running, finished = replies[:n], replies[n : 2 * n], replies[2 * n :]
-        if any(reply != [b"created"] for reply in created):
-            raise ScaleError(f"pipelined create answered {created[:3]!r}...")
-        if any(not isinstance(reply, list) or b"running" not in reply for reply in running):
-            raise ScaleError(f"pipelined start answered {running[:1]!r}...")
-        if any(reply != 1 for reply in finished):
-            raise ScaleError(f"pipelined finish answered {finished[:3]!r}...")
+            for name, keys, args in calls:
+                scripts[name](keys=keys, args=args, client=pipe)
+            answers = pipe.execute()
+        for (name, keys, _), answer in zip(calls, answers, strict=True):
+            if name == "_create":
+                ok = isinstance(answer, list) and answer[0] not in (b"full", b"existing")
+            elif name == "_start":
+                ok = answer is not None and _decode(_pairs(answer)).status is TaskStatus.RUNNING
+            else:
+                ok = bool(answer)
+            if not ok:
+                raise ScaleError(f"pipelined {name[1:]} of {keys!r} answered {answer!r}")
     return time.perf_counter() - started
 
 

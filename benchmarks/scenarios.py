@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import services
-from .contenders import Contender, Deployment, Settings
+from .contenders import THREADS, Contender, Deployment, Settings
 from .load import Connection, Samples, burst, percentile, run_load
 from .procs import BenchError, status
 
@@ -199,6 +199,8 @@ def summarise(scenario: str, contender: Contender, raw: dict[str, Any]) -> dict[
     if "polls" in samples.extra:
         polls = samples.extra["polls"]
         row["polls_per_task"] = round(sum(polls) / len(polls), 2)
+    if samples.extra.get("submit"):
+        row["submit_p50_ms"] = round(percentile(samples.extra["submit"], 0.5) * 1000, 2)
     if "delivery" in samples.extra:
         row["delivery_p50_ms"] = round(percentile(samples.extra["delivery"], 0.5) * 1000, 2)
     return row
@@ -284,6 +286,18 @@ class Sampler(threading.Thread):
         self.join(5)
 
 
+def thread_bound(contender: Contender, profile: Profile) -> int | None:
+    """The most threads wsgi_async's serving processes may have, by configuration.
+
+    Per gunicorn worker: its main thread and its request threads, ``max_workers``
+    pool threads, the supervisor, and one registry listener (SQLite wake-ups or
+    Redis pub/sub).  The other contenders have no such bound.
+    """
+    if contender.kind != "wsgi_async":
+        return None
+    return contender.workers * (1 + THREADS + profile.overload_workers + 2)
+
+
 def overload(settings: Settings, profile: Profile, contender: Contender) -> dict[str, Any]:
     """A burst of ``factor x (max_workers + max_queued)`` sleep tasks, all at once."""
     bound = profile.overload_workers + profile.overload_queued
@@ -321,7 +335,8 @@ def overload(settings: Settings, profile: Profile, contender: Contender) -> dict
     ok_ms = [t * 1000 for t, r in answers if r is not None and r.status == 202]
     return {
         "scenario": "overload", "contender": contender.name, "how": contender.how,
-        "burst": size, "bound": bound if contender.kind == "wsgi_async" else None,
+        "burst": size, "capacity": bound if contender.kind == "wsgi_async" else None,
+        "thread_bound": thread_bound(contender, profile),
         "accepted": len(accepted), "refused_503": len(refused),
         "retry_after": all("retry-after" in r.headers for r in refused) if refused else None,
         "failed": failed, "lost": lost,

@@ -97,11 +97,13 @@ def _overload(rows: Rows) -> tuple[str, bool]:
         "wsgi_async") and not r.get("skipped") and not r.get("failed")]
     if not seen:
         raise Missing("no wsgi_async overload row")
-    added = max(r["threads_added"] for r in seen)
+    within = all(r["threads_peak"] <= r["thread_bound"] for r in seen)
+    peaks = ", ".join(f"{r['contender'].removeprefix('wsgi_async ')} "
+                      f"{r['threads_peak']}/{r['thread_bound']}" for r in seen)
     lost = sum(r["lost"] + r["failed"] for r in seen)
     retry = all(r["retry_after"] is not False for r in seen)
-    return (f"threads added at most {added}, {lost} accepted lost or failed, "
-            f"every 503 with Retry-After: {retry}"), added <= 0 and lost == 0 and retry
+    return (f"peak/bound threads: {peaks}; {lost} accepted lost or failed; "
+            f"every 503 with Retry-After: {retry}"), within and lost == 0 and retry
 
 
 def _scale(rows: Rows) -> tuple[str, bool]:

@@ -21,6 +21,7 @@ from .procs import BenchError, status
 
 POLL_INTERVAL = 0.005  # how often a client that cannot long-poll polls
 WAIT = (("Prefer", "wait=10"),)
+RESPOND_ASYNC_WAIT = (("Prefer", "respond-async, wait=10"),)
 MAX_POLLS = 10_000  # with POLL_INTERVAL: about 50 s, past any task here
 OVERLOAD_SLEEP = 1.0  # seconds: long enough that the whole burst is in flight at once
 
@@ -92,13 +93,17 @@ def submit_job(contender: Contender, endpoint: str, accepted: list[tuple[int, st
     return job
 
 
-def end_to_end_job(contender: Contender, endpoint: str, wait: bool) -> Any:
+def end_to_end_job(contender: Contender, endpoint: str, wait: bool,
+                   on_submit: bool = False) -> Any:
+    """Submit, then poll or long-poll until done; ``on_submit``: ask the submit to wait."""
+    submit_headers = RESPOND_ASYNC_WAIT if on_submit else ()
+
     async def job(conn: Connection, i: int, samples: Samples) -> None:
         began = time.perf_counter()
-        response = await conn.request("POST", f"/{endpoint}?n={i}")
+        response = await conn.request("POST", f"/{endpoint}?n={i}", submit_headers)
         samples.add("submit", time.perf_counter() - began)
         polls = 0
-        if contender.asynchronous:
+        if contender.asynchronous and not (on_submit and response.status == 200):
             if response.status != 202:
                 raise BenchError(f"submit answered {response.status}: {response.body[:200]!r}")
             response, polls = await poll_until_done(conn, response.headers["location"], wait)
@@ -155,7 +160,8 @@ def measure(
         jobs = profile.tasks
     else:
         _, endpoint, mode = scenario.split()
-        job = end_to_end_job(contender, endpoint, wait=mode == "wait")
+        job = end_to_end_job(contender, endpoint, wait=mode != "poll",
+                             on_submit=mode == "wait-on-submit")
         jobs = profile.tasks if endpoint == "noop" else profile.sleep_tasks
     meter = Meter(deployment, redis)
     samples = run_load(deployment.port, profile.clients, jobs, profile.budget, job)
@@ -176,7 +182,7 @@ def warm_up(deployment: Deployment, profile: Profile) -> None:
 def scenarios_of(contender: Contender) -> list[str]:
     if not contender.asynchronous:
         return ["submit", "e2e noop sync", "e2e sleep sync"]
-    modes = ["poll", "wait"] if contender.can_wait else ["poll"]
+    modes = ["poll", "wait", "wait-on-submit"] if contender.can_wait else ["poll"]
     return ["submit"] + [f"e2e {ep} {mode}" for ep in ("noop", "sleep") for mode in modes]
 
 

@@ -60,6 +60,21 @@ def test_create_keeps_every_field_exactly(registry: Registry) -> None:
     assert again.id == record.id
 
 
+def test_start_returns_every_field_exactly(registry: Registry) -> None:
+    record = TaskRecord(id=new_task().id, route="^/caf\u00e9/\"x\"\\d+/\u2603", worker="w1",
+                        owner="o\u00fc", timeout=2.5, fingerprint="f" * 64, replay=True,
+                        result_ttl=60.0)
+    registry.create(record, RequestSnapshot({"PATH_INFO": "/"}, b""), idempotency_key="k")
+    started = registry.start(record.id, "w1")
+    assert started is not None and started == registry.get(record.id)
+    assert (started.route, started.owner, started.timeout, started.fingerprint) == (
+        record.route, "o\u00fc", 2.5, "f" * 64)
+    assert (started.status, started.attempts, started.replay, started.worker) == (
+        TaskStatus.RUNNING, 1, True, "w1")
+    assert started.started_at is not None and started.response is None
+    assert started.created_at == pytest.approx(record.created_at, abs=1e-3)
+
+
 def test_unknown_task_is_none(registry: Registry) -> None:
     assert registry.get("nope") is None
     assert registry.start("nope", "w1") is None

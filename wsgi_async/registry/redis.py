@@ -145,7 +145,15 @@ local s = redis.call('HMGET', KEYS[1], 'status', 'worker')
 if s[1] ~= 'queued' or s[2] ~= ARGV[2] then return false end
 redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', stamp(clock()))
 redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-return redis.call('HGETALL', KEYS[1])
+-- The text fields as one JSON object: far cheaper for the client to read than a
+-- flat list (the raw body, if any, cannot travel in JSON: then the flat list).
+local flat = redis.call('HGETALL', KEYS[1])
+local t = {}
+for i = 1, #flat, 2 do
+  if flat[i] == 'body' then return flat end
+  t[flat[i]] = flat[i + 1]
+end
+return cjson.encode(t)
 """
 
 # KEYS: task.  ARGV: prefix, id, worker, status, headers, body.
@@ -353,7 +361,9 @@ class RedisRegistry:
     def start(self, task_id: str, worker: str) -> TaskRecord | None:
         with self._guard("start a task"):
             reply = self._start(keys=[self._task(task_id)], args=[self.prefix, worker])
-        return None if reply is None else _decode(_pairs(reply))
+        if reply is None:
+            return None
+        return _decode_json(reply) if isinstance(reply, bytes) else _decode(_pairs(reply))
 
     def finish(
         self, task_id: str, worker: str, status: TaskStatus, response: StoredResponse
@@ -668,14 +678,10 @@ def _pairs(flat: Sequence[bytes]) -> dict[bytes, bytes]:
 
 
 def _decode(fields: Mapping[bytes, bytes]) -> TaskRecord:
-    def text(name: bytes) -> str | None:
-        value = fields.get(name)
-        return None if value is None else value.decode("utf-8")
-
-    def number(name: bytes) -> float | None:
-        value = fields.get(name)
-        return None if value is None else float(value)
-
+    """A task hash (as HGETALL gives it) as a record."""
+    get = fields.get
+    started, finished, timeout = get(b"started_at"), get(b"finished_at"), get(b"timeout")
+    worker, owner, fingerprint = get(b"worker"), get(b"owner"), get(b"fingerprint")
     response = None
     if b"headers" in fields:
         response = StoredResponse.from_parts(fields[b"headers"].decode("utf-8"), fields[b"body"])
@@ -684,14 +690,40 @@ def _decode(fields: Mapping[bytes, bytes]) -> TaskRecord:
         route=fields[b"route"].decode("utf-8"),
         status=TaskStatus(fields[b"status"].decode("ascii")),
         created_at=float(fields[b"created_at"]),
-        started_at=number(b"started_at"),
-        finished_at=number(b"finished_at"),
-        worker=text(b"worker"),
-        owner=text(b"owner"),
-        fingerprint=text(b"fingerprint"),
+        started_at=None if started is None else float(started),
+        finished_at=None if finished is None else float(finished),
+        worker=None if worker is None else worker.decode("utf-8"),
+        owner=None if owner is None else owner.decode("utf-8"),
+        fingerprint=None if fingerprint is None else fingerprint.decode("utf-8"),
         attempts=int(fields[b"attempts"]),
         replay=fields[b"replay"] == b"1",
-        timeout=number(b"timeout"),
+        timeout=None if timeout is None else float(timeout),
         result_ttl=float(fields[b"result_ttl"]),
+        response=response,
+    )
+
+
+def _decode_json(data: bytes) -> TaskRecord:
+    """A task hash without a body, as the JSON object a script made of it, as a record."""
+    fields: dict[str, str] = json.loads(data)
+    get = fields.get
+    started, finished, timeout = get("started_at"), get("finished_at"), get("timeout")
+    response = None
+    if "headers" in fields:  # a stored response with an empty body
+        response = StoredResponse.from_parts(fields["headers"], b"")
+    return TaskRecord(
+        id=fields["id"],
+        route=fields["route"],
+        status=TaskStatus(fields["status"]),
+        created_at=float(fields["created_at"]),
+        started_at=None if started is None else float(started),
+        finished_at=None if finished is None else float(finished),
+        worker=get("worker"),
+        owner=get("owner"),
+        fingerprint=get("fingerprint"),
+        attempts=int(fields["attempts"]),
+        replay=fields["replay"] == "1",
+        timeout=None if timeout is None else float(timeout),
+        result_ttl=float(fields["result_ttl"]),
         response=response,
     )

@@ -562,3 +562,23 @@ def test_a_connection_from_another_pid_is_never_used(reg: SQLiteRegistry) -> Non
         assert reg._connection() is not inherited
     finally:
         inherited.close()  # safe here: this process opened it
+
+
+@pytest.mark.parametrize("returning", [True, False])
+def test_start_with_and_without_update_returning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, returning: bool
+) -> None:
+    import wsgi_async.registry.sqlite as module
+
+    monkeypatch.setattr(module, "_RETURNING", returning and module._RETURNING)
+    registry = SQLiteRegistry(str(tmp_path / "tasks.db"))
+    try:
+        record = registry.create(new_task(timeout=3.0))
+        started = registry.start(record.id, "w1")
+        assert started is not None and started.status is TaskStatus.RUNNING
+        assert started.attempts == 1 and started.timeout == 3.0
+        assert started == registry.get(record.id)
+        assert registry.start(record.id, "w1") is None
+        assert registry.start("x" * 32, "w1") is None
+    finally:
+        registry.close()

@@ -26,7 +26,6 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import replace
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -92,6 +91,17 @@ COLUMNS = (
     " attempts, replay, timeout, result_ttl, response_head, response_body, expires_at"
 )
 PENDING = "status IN ('queued', 'running')"
+_INSERT = (
+    "INSERT INTO tasks (id, route, status, created_at, started_at, finished_at,"
+    " expires_at, worker, owner, fingerprint, attempts, replay, timeout,"
+    " result_ttl, response_head, response_body, request_environ, request_body,"
+    f" idempotency_key) VALUES ({', '.join('?' * 19)})"
+)
+_START = (
+    "UPDATE tasks SET status = 'running', started_at = ?, attempts = attempts + 1"
+    " WHERE id = ? AND status = 'queued' AND worker = ?"
+)
+_RETURNING = sqlite3.sqlite_version_info >= (3, 35, 0)  # UPDATE ... RETURNING
 
 #: How often a waiter re-reads the database in case a wake-up datagram was lost.
 SAFETY_NET = 1.0
@@ -196,10 +206,7 @@ class SQLiteRegistry:
             response = record.response
             try:
                 db.execute(
-                    "INSERT INTO tasks (id, route, status, created_at, started_at, finished_at,"
-                    " expires_at, worker, owner, fingerprint, attempts, replay, timeout,"
-                    " result_ttl, response_head, response_body, request_environ, request_body,"
-                    f" idempotency_key) VALUES ({', '.join('?' * 19)})",
+                    _INSERT,
                     (
                         record.id,
                         record.route,
@@ -224,7 +231,7 @@ class SQLiteRegistry:
                 )
             except sqlite3.IntegrityError:
                 raise RegistryError(f"a task with id {record.id!r} already exists") from None
-        return replace(record)
+        return record.copy()
 
     def get(self, task_id: str) -> TaskRecord | None:
         with self._read() as db:
@@ -247,14 +254,17 @@ class SQLiteRegistry:
 
     def start(self, task_id: str, worker: str) -> TaskRecord | None:
         with self._write() as db:
-            updated = db.execute(
-                "UPDATE tasks SET status = 'running', started_at = ?, attempts = attempts + 1"
-                " WHERE id = ? AND status = 'queued' AND worker = ?",
-                (time.time(), task_id, worker),
-            ).rowcount
-            if not updated:
-                return None
-            row = db.execute(f"SELECT {COLUMNS} FROM tasks WHERE id = ?", (task_id,)).fetchone()
+            params = (time.time(), task_id, worker)
+            if _RETURNING:  # one statement instead of two
+                rows = db.execute(_START + f" RETURNING {COLUMNS}", params).fetchall()
+                if not rows:
+                    return None
+                row = rows[0]
+            else:
+                if not db.execute(_START, params).rowcount:
+                    return None
+                row = db.execute(f"SELECT {COLUMNS} FROM tasks WHERE id = ?",
+                                 (task_id,)).fetchone()
         return _record(row)
 
     def finish(

@@ -672,8 +672,10 @@ def _encode(record: TaskRecord, idempotency_key: str | None) -> dict[str, str | 
     return fields
 
 
-def _pairs(flat: Sequence[bytes]) -> dict[bytes, bytes]:
-    """A Lua HGETALL reply (a flat list) as a dict."""
+def _pairs(flat: Sequence[bytes] | bytes) -> dict[bytes, bytes]:
+    """A Lua HGETALL reply (a flat list), or the JSON object ``_START`` makes of one, as a dict."""
+    if isinstance(flat, bytes):
+        return {k.encode(): v.encode() for k, v in json.loads(flat).items()}
     return dict(zip(flat[::2], flat[1::2], strict=True))
 
 

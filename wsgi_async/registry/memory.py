@@ -37,7 +37,9 @@ class MemoryRegistry:
         self.max_bytes = max_bytes
         self._bytes = 0
         self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)
+        # One condition per task being waited for: a settle wakes only its own waiters.
+        self._waiting: dict[str, _Waiting] = {}
+        self._closed = False
         self._tasks: dict[str, TaskRecord] = {}
         self._requests: dict[str, RequestSnapshot] = {}
         self._keys: dict[str, str] = {}
@@ -117,12 +119,24 @@ class MemoryRegistry:
     def wait(self, task_id: str, timeout: float) -> TaskRecord | None:
         deadline = time.monotonic() + max(0.0, timeout)
         with self._lock:
-            while True:
-                record = self._live_locked(task_id)
-                remaining = deadline - time.monotonic()
-                if record is None or record.status.is_final or remaining <= 0:
-                    return None if record is None else record.copy()
-                self._changed.wait(remaining)
+            record = self._live_locked(task_id)
+            if record is None or record.status.is_final or timeout <= 0:
+                return None if record is None else record.copy()
+            waiting = self._waiting.get(task_id)
+            if waiting is None:
+                waiting = self._waiting[task_id] = _Waiting(threading.Condition(self._lock))
+            waiting.count += 1
+            try:
+                while (remaining := deadline - time.monotonic()) > 0 and not self._closed:
+                    waiting.condition.wait(remaining)
+                    record = self._live_locked(task_id)
+                    if record is None or record.status.is_final:
+                        break
+            finally:
+                waiting.count -= 1
+                if waiting.count == 0:
+                    del self._waiting[task_id]
+            return None if record is None else record.copy()
 
     def delete(self, task_id: str) -> bool:
         with self._lock:
@@ -174,7 +188,9 @@ class MemoryRegistry:
 
     def close(self) -> None:
         with self._lock:
-            self._changed.notify_all()
+            self._closed = True
+            for waiting in self._waiting.values():
+                waiting.condition.notify_all()
 
     def __len__(self) -> int:
         with self._lock:
@@ -213,7 +229,9 @@ class MemoryRegistry:
             self._held.get(record.worker, set()).discard(record.id)
         self._requests.pop(record.id, None)
         heapq.heappush(self._expiry, (record.finished_at + record.result_ttl, record.id))
-        self._changed.notify_all()
+        waiting = self._waiting.get(record.id)
+        if waiting is not None:
+            waiting.condition.notify_all()
 
     def _drop_locked(self, task_id: str) -> bool:
         record = self._tasks.pop(task_id, None)
@@ -250,3 +268,13 @@ class MemoryRegistry:
                 self._drop_locked(task_id)
                 dropped += 1
         return dropped
+
+
+class _Waiting:
+    """The condition the waiters of one task sleep on, and how many they are."""
+
+    __slots__ = ("condition", "count")
+
+    def __init__(self, condition: threading.Condition) -> None:
+        self.condition = condition
+        self.count = 0

@@ -41,7 +41,7 @@ def find(rows: Rows, scenario: str, contender: str, key: str) -> Any:
 def _ratio(rows: Rows, scenario: str, a: str, b: str, goal: float, key: str = "per_s",
            other_scenario: str | None = None) -> tuple[str, bool]:
     ratio = find(rows, scenario, a, key) / find(rows, other_scenario or scenario, b, key)
-    verdict = f"{ratio:.2f}x" + ("" if ratio >= goal else f", missed by {1 - ratio / goal:.0%}")
+    verdict = f"{ratio:.2f}x" + ("" if ratio >= goal else f", missed by {1 - ratio / goal:.1%}")
     return verdict, ratio >= goal
 
 
@@ -118,6 +118,18 @@ def _scale(rows: Rows) -> tuple[str, bool]:
     return text, all(ratio < 1.2 for ratio in worst.values())
 
 
+def _e2e(rows: Rows, contender: str, peer: str, goal: float) -> tuple[str, bool]:
+    """The long-poll ratio decides; the one-round-trip mode is shown beside it."""
+    text, met = _ratio(rows, "e2e noop wait", contender, peer, goal,
+                       other_scenario="e2e noop poll")
+    try:
+        one, _ = _ratio(rows, "e2e noop wait-on-submit", contender, peer, goal,
+                        other_scenario="e2e noop poll")
+    except Missing:
+        return f"{text} (long-poll)", met
+    return f"{text} (long-poll); {one} when the submit itself waits", met
+
+
 TARGETS: tuple[tuple[str, Callable[[Rows], tuple[str, bool]]], ...] = (
     ("pass-through >= 0.97 x bare req/s",
      lambda r: _ratio(r, "passthrough", "passthrough", "bare", 0.97)),
@@ -126,14 +138,11 @@ TARGETS: tuple[tuple[str, Callable[[Rows], tuple[str, bool]]], ...] = (
     ("submit, redis >= 0.5 x bare",
      lambda r: _ratio(r, "submit", "wsgi_async redis", "bare", 0.5)),
     ("end to end noop, memory >= 2 x recipe",
-     lambda r: _ratio(r, "e2e noop wait", "wsgi_async memory", "recipe", 2.0,
-                      other_scenario="e2e noop poll")),
+     lambda r: _e2e(r, "wsgi_async memory", "recipe", 2.0)),
     ("end to end noop, memory >= 3 x Celery",
-     lambda r: _ratio(r, "e2e noop wait", "wsgi_async memory", "celery", 3.0,
-                      other_scenario="e2e noop poll")),
+     lambda r: _e2e(r, "wsgi_async memory", "celery", 3.0)),
     ("end to end noop, redis >= 1.5 x Celery",
-     lambda r: _ratio(r, "e2e noop wait", "wsgi_async redis", "celery", 1.5,
-                      other_scenario="e2e noop poll")),
+     lambda r: _e2e(r, "wsgi_async redis", "celery", 1.5)),
     ("end to end noop, memory p99 below every peer's", _p99_below_peers),
     ("Prefer: wait returns within 5 ms of completion (median), no sleep-polling", _delivery),
     ("CPU per task (processes + Redis), memory <= Celery / 2",

@@ -438,7 +438,7 @@ def test_the_socket_is_removed_on_close(db_path: Path) -> None:
     registry = SQLiteRegistry(db_path)
     try:
         assert sockets(registry) == []  # nothing listens until something waits
-        registry.wait("missing", 0.05)
+        registry.wait(registry.create(new_task("idle")).id, 0.05)  # a pending task subscribes
         assert len(sockets(registry)) == 1
         assert sockets(registry)[0].startswith(f"{os.getpid():x}-")
     finally:
@@ -448,7 +448,7 @@ def test_the_socket_is_removed_on_close(db_path: Path) -> None:
 
 
 def test_a_dead_process_socket_is_removed_by_the_next_completion(reg: SQLiteRegistry) -> None:
-    reg.wait("missing", 0.05)
+    reg.wait(reg.create(new_task("idle")).id, 0.05)  # a pending task subscribes
     stale = Path(reg.notify_directory) / "dead-00000000.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind(str(stale))
@@ -498,7 +498,7 @@ def reap_child(pid: int, timeout: float = 10) -> int:
 @pytest.mark.filterwarnings("ignore:.*fork.*:DeprecationWarning")
 def test_a_forked_child_uses_its_own_connection_and_socket(reg: SQLiteRegistry) -> None:
     inherited = reg._connection()
-    reg.wait("missing", 0.05)  # the parent listens before the fork
+    reg.wait(reg.create(new_task("idle")).id, 0.05)  # the parent listens before the fork
     parent_socket = sockets(reg)
     for_child = reg.create(new_task("child"))
     for_parent = reg.create(new_task("parent"))

@@ -297,15 +297,20 @@ class SQLiteRegistry:
         self, task_id: str, timeout: float, accept: Callable[[TaskRecord], bool] | None
     ) -> TaskRecord | None:
         """:meth:`wait`, but ``None`` at once if the first read is not accepted."""
-        if timeout <= 0:
-            record = self.get(task_id)
-            return None if record is None or (accept and not accept(record)) else record
         deadline = time.monotonic() + timeout
-        # Subscribe first, then read: a completion after the read always wakes us.
+        # A plain read first: subscribing costs more than a read, and most
+        # tasks asked about are already final, or not the caller's.
+        record = self.get(task_id)
+        if record is None or (accept is not None and not accept(record)):
+            return None
+        if record.status.is_final or timeout <= 0:
+            return record
+        # Subscribe, then read again: a completion after that read always wakes us.
         with self._state().wakeups.subscribe(task_id) as woken:
-            record = self.get(task_id)
-            if record is None or (accept is not None and not accept(record)):
+            latest = self.get(task_id)
+            if latest is None:
                 return None
+            record = latest
             while True:
                 remaining = deadline - time.monotonic()
                 if record.status.is_final or remaining <= 0:

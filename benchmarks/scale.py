@@ -12,10 +12,10 @@ to the level plus ``ops``; ``stored`` is the count when timing starts.  Filling 
 same ``create``/``start``/``finish`` calls in a tight loop and is timed too (``fill_per_s``);
 for Redis, where each call is a round trip, the same calls' scripts are pipelined (see
 :func:`pipelined_fill`), so its fill rate is not the API's round-trip rate: a cycle's is.
-Each level is timed as the best of 3 repeats of ``ops // 3`` cycles (the least disturbed
+Each level is timed as the best of 9 repeats of ``ops // 9`` cycles (the least disturbed
 repeat; the garbage collector stays on but is run before each repeat).  Task ids are
 generated before the timer starts, so the figures are the registry's cost alone, and the
-first level's fill starts with ``ops // 3`` untimed cycles (at most half the level), a
+first level's fill starts with ``ops // REPEATS`` untimed cycles (at most half the level), a
 warm-up that stays stored.
 
     python -m benchmarks.scale --levels 1000,10000 --ops 3000
@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from wsgi_async.registry.redis import RedisRegistry
 
 SCENARIO = "scale"
-REPEATS = 3
+REPEATS = 9
 WORKER = "bench-scale-worker"
 ROUTE = "/bench/scale"
 RESULT_TTL = 24 * 3600.0  # far longer than any run: nothing expires while we measure

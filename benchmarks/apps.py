@@ -14,7 +14,10 @@ gunicorn loads ``benchmarks.apps:make_app()``, which reads ``BENCH_APP``:
 
 from __future__ import annotations
 
+import gc
+import json
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -154,7 +157,30 @@ def wsgi_async_app(routes: Any) -> Any:
     )
 
 
+def with_heap_probe(app: Any) -> Any:
+    """``GET /_bench/heap``: the serving process's live Python memory blocks.
+
+    Resident memory rarely shrinks (the allocator keeps freed arenas for reuse),
+    so the memory scenario also reads ``sys.getallocatedblocks()``, which falls
+    back when the objects are really freed.
+    """
+    def probe(environ: dict[str, Any], start_response: Any) -> Any:
+        if environ.get("PATH_INFO") != "/_bench/heap":
+            return app(environ, start_response)
+        gc.collect()
+        body = json.dumps({"blocks": sys.getallocatedblocks(), "pid": os.getpid()}).encode()
+        start_response("200 OK", [("Content-Type", "application/json"),
+                                  ("Content-Length", str(len(body)))])
+        return [body]
+
+    return probe
+
+
 def make_app() -> Any:
+    return with_heap_probe(_make_app())
+
+
+def _make_app() -> Any:
     kind = os.environ.get("BENCH_APP", "bare")
     if kind == "bare":
         return flask_app()

@@ -41,6 +41,8 @@ TABLES: tuple[tuple[str, tuple[str, ...], tuple[tuple[str, str], ...]], ...] = (
     ("Memory: finished tasks kept until they expire", ("memory",), (
         ("tasks", "tasks"), ("RSS MiB base", "rss_base_mib"), ("stored", "rss_stored_mib"),
         ("RSS B/task", "rss_bytes_per_task"), ("after expiry", "rss_after_expiry_mib"),
+        ("heap blocks base", "blocks_base"), ("stored", "blocks_stored"),
+        ("after expiry", "blocks_after_expiry"), ("RSS MiB after a 2nd fill", "rss_refill_mib"),
         ("store", "store"), ("store B/task", "store_bytes_per_task"),
         ("after expiry", "store_after_expiry_bytes_per_task"), ("expiry", "expiry"))),
     ("Scale: one task's registry operations as stored tasks grow", ("scale",), (
@@ -81,7 +83,9 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         if math.isnan(value):
             return "–"
-        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:g}"
+        if abs(value) >= 1000:
+            return f"{value:,.0f}"
+        return f"{value:.4g}" if abs(value) >= 100 else f"{value:.3g}"
     if isinstance(value, int):
         return f"{value:,}"
     return str(value).replace("|", "\\|")
@@ -114,7 +118,10 @@ def markdown(results: dict[str, Any]) -> str:
                 continue
             cells = [_cell(row.get(key)) for _, key in columns]
             out.append(f"| {name} | " + " | ".join(cells) + " |")
-    hows = {r["contender"]: r["how"] for r in rows if r.get("how")}
+    hows: dict[str, str] = {}
+    for row in rows:
+        if row.get("how") and row["scenario"] != "scale":
+            hows.setdefault(row["contender"], row["how"])
     out += ["", "## Contenders", ""] + [f"- **{name}**: {how}" for name, how in hows.items()]
     return "\n".join(out) + "\n"
 

@@ -367,6 +367,14 @@ def _store_bytes(deployment: Deployment, redis: Any) -> int | None:
     return None
 
 
+def heap_blocks(deployment: Deployment) -> int:
+    """Live Python memory blocks of the (single) serving process."""
+    code, _, body = deployment.call("GET", "/_bench/heap")
+    if code != 200:
+        raise BenchError(f"/_bench/heap answered {code}")
+    return int(json.loads(body)["blocks"])
+
+
 def memory(settings: Settings, profile: Profile, contender: Contender,
            redis: Any) -> dict[str, Any]:
     """Resident memory per stored, finished task; and, for wsgi_async, after expiry."""
@@ -378,23 +386,36 @@ def memory(settings: Settings, profile: Profile, contender: Contender,
         warm_up(deployment, profile)
         if contender.kind == "wsgi_async":
             time.sleep(ttl + 2 * lease)  # the warm-up's tasks expire: a clean baseline
+        single = contender.workers == 1
         base_rss, base_store = deployment.rss_kib(), _store_bytes(deployment, redis)
+        base_blocks = heap_blocks(deployment) if single else None
         job = end_to_end_job(contender, "noop", wait=contender.can_wait)
-        began = time.monotonic()
-        samples = run_load(deployment.port, profile.clients, profile.memory_tasks,
-                           max(60.0, profile.budget), job)
-        if samples.errors or samples.done != profile.memory_tasks:
-            raise BenchError(f"{samples.done} of {profile.memory_tasks} tasks done: "
-                             f"{samples.first_error}")
+
+        def fill() -> tuple[float, int]:
+            """Run the tasks; return when the last one finished, and how many ran."""
+            samples = run_load(deployment.port, profile.clients, profile.memory_tasks,
+                               max(60.0, profile.budget), job)
+            if samples.errors or not samples.done:
+                raise BenchError(f"{samples.done} of {profile.memory_tasks} tasks done: "
+                                 f"{samples.first_error}")
+            return time.monotonic(), samples.done
+
+        ended, n = fill()  # a slow contender does fewer tasks within the budget
         stored_rss, stored_store = deployment.rss_kib(), _store_bytes(deployment, redis)
-        expired_rss = expired_store = None
+        stored_blocks = heap_blocks(deployment) if single else None
+        expired_rss = expired_store = expired_blocks = refill_rss = None
+
         if contender.kind == "wsgi_async":
-            batches = profile.memory_tasks // 1000 + 2
-            time.sleep(max(0.0, began + ttl - time.monotonic()) + batches * lease / 3 + lease)
+            batches = profile.memory_tasks // 1000 + 2  # the supervisor expires 1,000 a tick
+            time.sleep(max(0.0, ended + ttl - time.monotonic()) + batches * lease / 3 + lease)
             expired_rss, expired_store = deployment.rss_kib(), _store_bytes(deployment, redis)
+            expired_blocks = heap_blocks(deployment) if single else None
+            if contender.registry == "memory":
+                # Freed arenas are reused: a second batch must not grow the process again.
+                fill()
+                refill_rss = deployment.rss_kib()
     finally:
         deployment.stop()
-    n = profile.memory_tasks
 
     def per_task(after: int | None, before: int | None, scale: int) -> float | None:
         return None if after is None or before is None else round((after - before) * scale / n)
@@ -407,6 +428,9 @@ def memory(settings: Settings, profile: Profile, contender: Contender,
         "rss_after_expiry_mib": None if expired_rss is None else round(expired_rss / 1024, 1),
         "rss_after_expiry_vs_base_mib": (None if expired_rss is None
                                          else round((expired_rss - base_rss) / 1024, 2)),
+        "blocks_base": base_blocks, "blocks_stored": stored_blocks,
+        "blocks_after_expiry": expired_blocks,
+        "rss_refill_mib": None if refill_rss is None else round(refill_rss / 1024, 1),
         "store": ("sqlite file" if deployment.sqlite_path is not None
                   else "redis used_memory" if contender.needs_redis else None),
         "store_bytes_per_task": per_task(stored_store, base_store, 1),

@@ -21,7 +21,6 @@ _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _STATUS = re.compile(r"[1-5][0-9]{2} [^\x00-\x08\x0a-\x1f\x7f]*")
 # Control characters other than tab never belong in a header value (RFC 9110 5.5).
 _BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
-_NO_BODY = (204, 304)
 _NO_BODY_CODES = ("204", "304")
 # Hop-by-hop headers (RFC 9110 7.6.1, werkzeug's list) and the length, which is recomputed.
 _DROPPED = frozenset(
@@ -164,7 +163,7 @@ def capture(
     if collector.status is None:
         raise ResponseError("the application returned without calling start_response")
     # 204 and 304 have no body (RFC 9110 6.4.1): keep none to replay.
-    body = b"" if int(collector.status[:3]) in _NO_BODY else b"".join(collector.chunks)
+    body = b"" if collector.status[:3] in _NO_BODY_CODES else b"".join(collector.chunks)
     collector.chunks.clear()
     headers = finalise_headers(collector.status, collector.headers, len(body))
     return StoredResponse(collector.status, headers, body)

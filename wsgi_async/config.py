@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .types import WSGIEnvironment
@@ -33,8 +33,16 @@ class Route:
     timeout: float | None = None
     result_ttl: float | None = None
     replay: bool = False
+    # Every path the pattern matches starts with it: a cheap test before the regex,
+    # since routes are tried on every request.
+    prefix: str = field(init=False, default="")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prefix", literal_prefix(self.pattern))
 
     def matches(self, path: str, method: str) -> bool:
+        if not path.startswith(self.prefix):
+            return False
         if self.methods is not None and method not in self.methods:
             return False
         return self.pattern.match(path) is not None

@@ -18,7 +18,7 @@ import weakref
 from collections.abc import Iterable
 from typing import Any
 
-from .config import Options, Route, RouteSpec, build_options, literal_prefix
+from .config import Options, Route, RouteSpec, build_options
 from .errors import QueueFull, RegistryError, RegistryFull
 from .executor import WorkerPool, check_uwsgi_threads
 from .prefer import Preferences, parse_idempotency_key, parse_prefer
@@ -103,12 +103,6 @@ class AsyncMiddleware:
         self.registry = self._open(registry)
         self._status_path = self.options.status_path
         self._status_length = len(self._status_path)
-        # (literal prefix, bound match, methods or None, route): the dispatch loop
-        # runs on every request, so it tests a prefix before running a regex.
-        self._matchers = tuple(
-            (literal_prefix(route.pattern), route.pattern.match, route.methods, route)
-            for route in self.options.routes
-        )
         self._retry_after = [("Retry-After", str(self.options.retry_after))]
         self._owner_func = self.options.owner
         self._worker: tuple[int, str] = (0, "")
@@ -160,14 +154,10 @@ class AsyncMiddleware:
         ):
             self._start_supervisor()
             return self.status(environ, start_response, self._owner(environ))
-        for prefix, match, methods, route in self._matchers:
-            if (
-                path.startswith(prefix)
-                and (methods is None or environ.get("REQUEST_METHOD", "GET") in methods)
-                and match(path) is not None
-            ):
-                return self._submit(environ, start_response, route)
-        return self.app(environ, start_response)
+        route = self.options.route_for(path, environ.get("REQUEST_METHOD", "GET"))
+        if route is None:
+            return self.app(environ, start_response)
+        return self._submit(environ, start_response, route)
 
     def _submit(
         self, environ: WSGIEnvironment, start_response: StartResponse, route: Route

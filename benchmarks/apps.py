@@ -72,15 +72,9 @@ def recipe_app() -> Flask:
     return app
 
 
-def _accepted(task_id: str) -> Response:
-    response = jsonify({"id": task_id})
-    response.status_code = 202
-    response.headers["Location"] = f"/status/{task_id}"
-    return response
-
-
-def _pending(task_id: str) -> Response:
-    response = jsonify({"id": task_id, "status": "pending"})
+def _accepted(task_id: str, status: str = "queued") -> Response:
+    """The front's 202: the task id, its state and its status URL."""
+    response = jsonify({"id": task_id, "status": status})
     response.status_code = 202
     response.headers["Location"] = f"/status/{task_id}"
     return response
@@ -102,7 +96,7 @@ def celery_front() -> Flask:
     def status(task_id: str) -> Response:
         result = celery.AsyncResult(task_id)
         if not result.ready():
-            return _pending(task_id)
+            return _accepted(task_id, "pending")
         if not result.successful():
             return Response("task failed", 500)
         return jsonify(result.result)
@@ -133,7 +127,7 @@ def rq_front() -> Flask:
             return jsonify(job.return_value())
         if state in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED):
             return Response("task failed", 500)
-        return _pending(task_id)
+        return _accepted(task_id, "pending")
 
     return app
 

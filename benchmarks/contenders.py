@@ -239,7 +239,4 @@ class Deployment:
         return sum(status(pid).rss_kib for pid in self.server_workers)
 
     def stop(self) -> None:
-        procs = self.settings.procs
-        for proc in list(procs._procs):
-            if proc.pid == self.server.pid or proc.pid in self.worker_procs:
-                procs.stop(proc)
+        self.settings.procs.stop_pids([self.server.pid, *self.worker_procs])

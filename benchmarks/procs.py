@@ -11,7 +11,6 @@ import os
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +73,11 @@ class Processes:
         if proc in self._procs:
             self._procs.remove(proc)
 
+    def stop_pids(self, pids: Sequence[int]) -> None:
+        """Stop the processes this run started among ``pids``."""
+        for proc in [p for p in self._procs if p.pid in pids]:
+            self.stop(proc)
+
     def stop_all(self) -> None:
         for proc in list(self._procs):
             self.stop(proc, grace=2.0)
@@ -125,13 +129,3 @@ def status(pid: int) -> Status:
                 rss = int(line.split()[1])
     return Status(threads, rss)
 
-
-def wait_until(predicate: object, timeout: float, what: str, interval: float = 0.05) -> None:
-    """Poll ``predicate()`` until true, at most ``timeout`` seconds."""
-    assert callable(predicate)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(interval)
-    raise BenchError(f"{what}: not ready after {timeout:.0f} s")

@@ -11,6 +11,7 @@ reported as skipped, with the reason, never dropped.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import secrets
 import shutil
@@ -253,8 +254,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "meta": {
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "profile": profile.name, "command": command,
-            "machine": f"{platform.system()} {platform.machine()}, "
-                       f"{_cpus()} CPUs, {platform.node() and 'one host'}",
+            "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, "
+                       "one host",
             "versions": versions(),
             "server": "gunicorn gthread, 1 worker x 8 threads unless the row says -w 2",
             "clients": profile.clients, "seconds": round(time.monotonic() - began, 1),
@@ -274,12 +275,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     for problem in problems:
         print(f"INCOMPLETE: {problem}", file=sys.stderr)
     return 1 if problems else 0
-
-
-def _cpus() -> int:
-    import os
-
-    return os.cpu_count() or 0
 
 
 if __name__ == "__main__":

@@ -277,7 +277,7 @@ def pipelined_fill(registry: RedisRegistry, ids: Sequence[str]) -> float:
     per ``PIPELINE_TASKS`` tasks, and every reply is checked as the API would check it.
     The stored state is the API's; only the round trips are batched.
     """
-    from wsgi_async.registry.redis import _decode, _encode, _pairs
+    from wsgi_async.registry.redis_scripts import decode, encode, pairs
 
     names = ("_create", "_start", "_finish")
     scripts = {name: getattr(registry, name) for name in names}
@@ -285,7 +285,7 @@ def pipelined_fill(registry: RedisRegistry, ids: Sequence[str]) -> float:
                          attempts=1, result_ttl=RESULT_TTL)
     start_reply = [
         part if isinstance(part, bytes) else part.encode()
-        for field in _encode(running, None).items()
+        for field in encode(running, None).items()
         for part in field
     ]
     replies: dict[str, Any] = {"_create": [b"created"], "_start": start_reply, "_finish": 1}
@@ -308,7 +308,7 @@ def pipelined_fill(registry: RedisRegistry, ids: Sequence[str]) -> float:
             if name == "_create":
                 ok = isinstance(answer, list) and answer[0] not in (b"full", b"existing")
             elif name == "_start":
-                ok = answer is not None and _decode(_pairs(answer)).status is TaskStatus.RUNNING
+                ok = answer is not None and decode(pairs(answer)).status is TaskStatus.RUNNING
             else:
                 ok = bool(answer)
             if not ok:

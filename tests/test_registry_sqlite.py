@@ -568,9 +568,9 @@ def test_a_connection_from_another_pid_is_never_used(reg: SQLiteRegistry) -> Non
 def test_start_with_and_without_update_returning(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, returning: bool
 ) -> None:
-    import wsgi_async.registry.sqlite as module
+    import wsgi_async.registry.sqlite_schema as module
 
-    monkeypatch.setattr(module, "_RETURNING", returning and module._RETURNING)
+    monkeypatch.setattr(module, "RETURNING", returning and module.RETURNING)
     registry = SQLiteRegistry(str(tmp_path / "tasks.db"))
     try:
         record = registry.create(new_task(timeout=3.0))

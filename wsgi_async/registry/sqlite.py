@@ -5,30 +5,25 @@ write is a short ``BEGIN IMMEDIATE`` transaction, so concurrent writers queue
 on the busy timeout instead of failing.  Each thread of each process has its
 own connection; a connection inherited over ``fork()`` is never touched.
 
-Completions are pushed, not polled: every process that waits on a task binds
-a Unix datagram socket in ``<db>.notify/``, and whoever settles a task sends
-a hash of its id to each socket there.
+Completions are pushed, not polled (see :mod:`.sqlite_wakeups`); the schema
+and statements are in :mod:`.sqlite_schema`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
 import os
-import secrets
-import socket
 import sqlite3
-import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+from . import sqlite_schema as schema
 from .base import (
     RegistryError,
     RegistryFull,
@@ -40,80 +35,15 @@ from .base import (
     lost_worker_response,
     require_final,
 )
+from .sqlite_schema import COLUMNS, PENDING, SCHEMA, SCHEMA_VERSION
+from .sqlite_wakeups import SAFETY_NET, Wakeups, notify_directory
+
+__all__ = ["SQLiteRegistry"]
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-
-SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS tasks (
-        id TEXT PRIMARY KEY,
-        route TEXT NOT NULL,
-        status TEXT NOT NULL,
-        created_at REAL NOT NULL,
-        started_at REAL,
-        finished_at REAL,
-        expires_at REAL,
-        worker TEXT,
-        owner TEXT,
-        fingerprint TEXT,
-        attempts INTEGER NOT NULL DEFAULT 0,
-        replay INTEGER NOT NULL DEFAULT 0,
-        timeout REAL,
-        result_ttl REAL NOT NULL,
-        response_head TEXT,
-        response_body BLOB,
-        request_environ TEXT,
-        request_body BLOB,
-        idempotency_key TEXT UNIQUE
-    )""",
-    """CREATE INDEX IF NOT EXISTS tasks_pending_by_worker ON tasks (worker, created_at)
-        WHERE status IN ('queued', 'running')""",
-    """CREATE INDEX IF NOT EXISTS tasks_by_expiry ON tasks (expires_at)
-        WHERE expires_at IS NOT NULL""",
-    """CREATE TABLE IF NOT EXISTS workers (id TEXT PRIMARY KEY, lease_expires REAL NOT NULL)""",
-    """CREATE INDEX IF NOT EXISTS workers_by_lease ON workers (lease_expires)""",
-    # One row counting the tasks, so that enforcing max_tasks never runs COUNT(*).
-    """CREATE TABLE IF NOT EXISTS counters (
-        id INTEGER PRIMARY KEY CHECK (id = 1),
-        tasks INTEGER NOT NULL
-    )""",
-    """INSERT OR IGNORE INTO counters (id, tasks) VALUES (1, 0)""",
-    """CREATE TRIGGER IF NOT EXISTS tasks_count_insert AFTER INSERT ON tasks
-        BEGIN UPDATE counters SET tasks = tasks + 1 WHERE id = 1; END""",
-    """CREATE TRIGGER IF NOT EXISTS tasks_count_delete AFTER DELETE ON tasks
-        BEGIN UPDATE counters SET tasks = tasks - 1 WHERE id = 1; END""",
-    f"PRAGMA user_version = {SCHEMA_VERSION}",
-)
-
-COLUMNS = (
-    "id, route, status, created_at, started_at, finished_at, worker, owner, fingerprint,"
-    " attempts, replay, timeout, result_ttl, response_head, response_body, expires_at"
-)
-PENDING = "status IN ('queued', 'running')"
-_INSERT = (
-    "INSERT INTO tasks (id, route, status, created_at, started_at, finished_at,"
-    " expires_at, worker, owner, fingerprint, attempts, replay, timeout,"
-    " result_ttl, response_head, response_body, request_environ, request_body,"
-    f" idempotency_key) VALUES ({', '.join('?' * 19)})"
-)
-_START = (
-    "UPDATE tasks SET status = 'running', started_at = ?, attempts = attempts + 1"
-    " WHERE id = ? AND status = 'queued' AND worker = ?"
-)
-_RETURNING = sqlite3.sqlite_version_info >= (3, 35, 0)  # UPDATE ... RETURNING
-
-#: How often a waiter re-reads the database in case a wake-up datagram was lost.
-SAFETY_NET = 1.0
 #: How many expired tasks ``create`` drops when the registry is full.
 EXPIRE_ON_FULL = 100
-#: Datagrams drained in one go that mean the queue may have overflowed (Linux
-#: queues 10 by default and refuses more): every waiter then re-reads its task.
-BURST = 8
-#: Longest socket path that fits ``sockaddr_un.sun_path`` on Linux (107) and macOS (103).
-MAX_SOCKET_PATH = 103
-#: Longest socket file name: ``/<pid in hex>-<8 hex digits>.sock``.
-MAX_SOCKET_NAME = len(f"/{2**32:x}-{0:08x}.sock")
 
 
 class SQLiteRegistry:
@@ -145,7 +75,7 @@ class SQLiteRegistry:
         self.busy_timeout = float(busy_timeout)
         self._closed = False
         self._inherited: list[_Process] = []
-        self.notify_directory = _notify_directory(self.path)
+        self.notify_directory = notify_directory(self.path)
         self._process = _Process(self.notify_directory)
         _registries.add(self)
         try:
@@ -195,18 +125,18 @@ class SQLiteRegistry:
                 row = db.execute(
                     f"SELECT {COLUMNS} FROM tasks WHERE idempotency_key = ?", (idempotency_key,)
                 ).fetchone()
-                if row is not None and not _expired(row, now):
-                    return _record(row)
+                if row is not None and not schema.expired(row, now):
+                    return schema.record(row)
                 if row is not None:
                     db.execute("DELETE FROM tasks WHERE id = ?", (row[0],))
             if self._count(db) >= self.max_tasks:
-                _expire(db, now, EXPIRE_ON_FULL)
+                schema.expire(db, now, EXPIRE_ON_FULL)
                 if self._count(db) >= self.max_tasks:
                     raise RegistryFull(f"the registry holds its maximum of {self.max_tasks} tasks")
             response = record.response
             try:
                 db.execute(
-                    _INSERT,
+                    schema.INSERT,
                     (
                         record.id,
                         record.route,
@@ -236,9 +166,9 @@ class SQLiteRegistry:
     def get(self, task_id: str) -> TaskRecord | None:
         with self._read() as db:
             row = db.execute(f"SELECT {COLUMNS} FROM tasks WHERE id = ?", (task_id,)).fetchone()
-        if row is None or _expired(row, time.time()):
+        if row is None or schema.expired(row, time.time()):
             return None
-        return _record(row)
+        return schema.record(row)
 
     def request(self, task_id: str) -> RequestSnapshot | None:
         with self._read() as db:
@@ -255,24 +185,24 @@ class SQLiteRegistry:
     def start(self, task_id: str, worker: str) -> TaskRecord | None:
         with self._write() as db:
             params = (time.time(), task_id, worker)
-            if _RETURNING:  # one statement instead of two
-                rows = db.execute(_START + f" RETURNING {COLUMNS}", params).fetchall()
+            if schema.RETURNING:  # one statement instead of two
+                rows = db.execute(schema.START + f" RETURNING {COLUMNS}", params).fetchall()
                 if not rows:
                     return None
                 row = rows[0]
             else:
-                if not db.execute(_START, params).rowcount:
+                if not db.execute(schema.START, params).rowcount:
                     return None
                 row = db.execute(f"SELECT {COLUMNS} FROM tasks WHERE id = ?",
                                  (task_id,)).fetchone()
-        return _record(row)
+        return schema.record(row)
 
     def finish(
         self, task_id: str, worker: str, status: TaskStatus, response: StoredResponse
     ) -> bool:
         require_final(status)
         with self._write() as db:
-            settled = _settle(
+            settled = schema.settle(
                 db,
                 "id = ? AND status = 'running' AND worker = ?",
                 (task_id, worker),
@@ -285,7 +215,9 @@ class SQLiteRegistry:
 
     def fail(self, task_id: str, response: StoredResponse) -> bool:
         with self._write() as db:
-            settled = _settle(db, f"id = ? AND {PENDING}", (task_id,), TaskStatus.FAILED, response)
+            settled = schema.settle(
+                db, f"id = ? AND {PENDING}", (task_id,), TaskStatus.FAILED, response
+            )
         if settled:
             self._state().wakeups.publish([task_id])
         return settled
@@ -366,10 +298,10 @@ class SQLiteRegistry:
                         row = db.execute(
                             f"SELECT {COLUMNS} FROM tasks WHERE id = ?", (task_id,)
                         ).fetchone()
-                        requeued.append(_record(row))
+                        requeued.append(schema.record(row))
                     else:
                         response = lost_worker_response(task_id)
-                        _settle(db, "id = ?", (task_id,), TaskStatus.FAILED, response, now)
+                        schema.settle(db, "id = ?", (task_id,), TaskStatus.FAILED, response, now)
                         failed.append(task_id)
                 if len(held) <= room:
                     db.execute("DELETE FROM workers WHERE id = ?", (dead_worker,))
@@ -381,7 +313,7 @@ class SQLiteRegistry:
 
     def expire(self, limit: int = 1000) -> int:
         with self._write() as db:
-            return _expire(db, time.time(), limit)
+            return schema.expire(db, time.time(), limit)
 
     def close(self) -> None:
         """Close this process's connections and its wake-up socket."""
@@ -520,67 +452,6 @@ class SQLiteRegistry:
         return int(count)
 
 
-# -- rows ----------------------------------------------------------------------
-
-
-def _record(row: tuple[Any, ...]) -> TaskRecord:
-    (
-        task_id, route, status, created_at, started_at, finished_at, worker, owner,
-        fingerprint, attempts, replay, timeout, result_ttl, response_head, response_body, _,
-    ) = row  # fmt: skip
-    response = None
-    if response_head is not None:
-        response = StoredResponse.from_parts(response_head, bytes(response_body))
-    return TaskRecord(
-        id=task_id,
-        route=route,
-        status=TaskStatus(status),
-        created_at=created_at,
-        started_at=started_at,
-        finished_at=finished_at,
-        worker=worker,
-        owner=owner,
-        fingerprint=fingerprint,
-        attempts=attempts,
-        replay=bool(replay),
-        timeout=timeout,
-        result_ttl=result_ttl,
-        response=response,
-    )
-
-
-def _expired(row: tuple[Any, ...], now: float) -> bool:
-    expires_at = row[-1]
-    return expires_at is not None and bool(expires_at <= now)
-
-
-def _settle(
-    db: sqlite3.Connection,
-    where: str,
-    params: tuple[str, ...],
-    status: TaskStatus,
-    response: StoredResponse,
-    now: float | None = None,
-) -> bool:
-    now = time.time() if now is None else now
-    cursor = db.execute(
-        "UPDATE tasks SET status = ?, response_head = ?, response_body = ?, finished_at = ?,"
-        " expires_at = ? + result_ttl, request_environ = NULL, request_body = NULL"
-        f" WHERE {where}",
-        (status.value, response.headers_json(), response.body, now, now, *params),
-    )
-    return cursor.rowcount > 0
-
-
-def _expire(db: sqlite3.Connection, now: float, limit: int) -> int:
-    cursor = db.execute(
-        "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks WHERE expires_at <= ?"
-        " ORDER BY expires_at LIMIT ?)",
-        (now, limit),
-    )
-    return cursor.rowcount
-
-
 # -- per-process state -----------------------------------------------------------
 
 
@@ -590,7 +461,7 @@ class _Process:
     def __init__(self, notify_directory: str) -> None:
         self.pid = os.getpid()
         self.local = threading.local()
-        self.wakeups = _Wakeups(notify_directory)
+        self.wakeups = Wakeups(notify_directory)
         self.closed = False
         self.writing = threading.Lock()
         self._lock = threading.Lock()
@@ -618,170 +489,6 @@ class _Process:
         self.wakeups.close()
 
 
-class _Wakeups:
-    """Wakes this process's waiters when a task settles here or in another process."""
-
-    def __init__(self, directory: str) -> None:
-        self.directory = directory
-        self._lock = threading.Lock()
-        self._waiters: dict[str, list[threading.Event]] = {}
-        self._socket: socket.socket | None = None
-        self._sender: socket.socket | None = None
-        self._address = ""
-        self._thread: threading.Thread | None = None
-        self._stopping = False
-        self._broken = False
-
-    @contextlib.contextmanager
-    def subscribe(self, task_id: str) -> Iterator[threading.Event]:
-        """An event set whenever ``task_id`` settles, for the duration of the block."""
-        self._listen()
-        event = threading.Event()
-        token = _token(task_id)
-        with self._lock:
-            self._waiters.setdefault(token, []).append(event)
-        try:
-            yield event
-        finally:
-            with self._lock:
-                events = self._waiters.get(token, [])
-                if event in events:
-                    events.remove(event)
-                if not events:
-                    self._waiters.pop(token, None)
-
-    def publish(self, task_ids: Sequence[str]) -> None:
-        """Wake the waiters of ``task_ids`` in this and every other process."""
-        tokens = [_token(task_id) for task_id in task_ids]
-        self._wake(tokens)
-        sender = self._sender_socket()
-        if sender is None:
-            return
-        message = "\n".join(tokens).encode()
-        try:
-            entries = list(os.scandir(self.directory))
-        except OSError:
-            return
-        for entry in entries:
-            if not entry.name.endswith(".sock") or entry.path == self._address:
-                continue
-            try:
-                sender.sendto(message, entry.path)
-            except ConnectionRefusedError:  # nobody listens: the process is gone
-                with contextlib.suppress(OSError):
-                    os.unlink(entry.path)
-            except OSError:  # full queue, vanished, not a socket: the safety net covers it
-                pass
-
-    def close(self) -> None:
-        with self._lock:
-            self._stopping = True
-            listener, self._socket = self._socket, None
-            sender, self._sender = self._sender, None
-            thread, self._thread = self._thread, None
-            events = [event for events in self._waiters.values() for event in events]
-        for event in events:
-            event.set()
-        if listener is not None and thread is not None:
-            with contextlib.suppress(OSError):
-                # Ends the blocking recv(); if the queue is full, draining it does.
-                listener.sendto(b"", socket.MSG_DONTWAIT, self._address)
-            thread.join(timeout=2.0)
-            listener.close()
-            with contextlib.suppress(OSError):
-                os.unlink(self._address)
-        if sender is not None:
-            sender.close()
-
-    def abandon(self) -> None:
-        """Close inherited sockets after a fork, leaving the parent's socket file alone."""
-        for sock in (self._socket, self._sender):
-            if sock is not None:
-                sock.close()
-
-    def _listen(self) -> None:
-        with self._lock:
-            if self._socket is not None or self._broken or self._stopping:
-                return
-            name = f"{os.getpid():x}-{secrets.token_hex(4)}.sock"
-            address = os.path.join(self.directory, name)
-            try:
-                os.makedirs(self.directory, exist_ok=True)
-                listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            except (OSError, AttributeError) as exc:
-                self._give_up(exc)
-                return
-            try:
-                listener.bind(address)
-            except OSError as exc:
-                listener.close()
-                self._give_up(exc)
-                return
-            self._socket, self._address = listener, address
-            self._thread = threading.Thread(
-                target=self._receive, args=(listener,), name="wsgi-async-wakeups", daemon=True
-            )
-            self._thread.start()
-
-    def _give_up(self, exc: BaseException) -> None:
-        self._broken = True
-        log.warning(
-            "wsgi_async: cannot listen for task completions in %s (%s); waits poll every %ss",
-            self.directory,
-            exc,
-            SAFETY_NET,
-        )
-
-    def _receive(self, listener: socket.socket) -> None:
-        while not self._stopping:
-            try:
-                messages = [listener.recv(65536)]
-                while True:
-                    messages.append(listener.recv(65536, socket.MSG_DONTWAIT))
-            except BlockingIOError:
-                pass
-            except OSError:
-                return
-            if len(messages) >= BURST:
-                self._wake(None)
-            else:
-                self._wake(b"\n".join(messages).decode("utf-8", "replace").split("\n"))
-
-    def _wake(self, tokens: Iterable[str] | None) -> None:
-        """Wake the waiters of ``tokens``, or every waiter for ``None``."""
-        with self._lock:
-            if tokens is None:
-                tokens = list(self._waiters)
-            for token in tokens:
-                for event in self._waiters.get(token, ()):
-                    event.set()
-
-    def _sender_socket(self) -> socket.socket | None:
-        with self._lock:
-            if self._sender is None and not self._stopping:
-                try:
-                    self._sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-                except (OSError, AttributeError):
-                    return None
-                self._sender.setblocking(False)
-            return self._sender
-
-
-def _token(task_id: str) -> str:
-    """What a wake-up carries: task ids are bearer secrets, their hashes are not."""
-    return hashlib.blake2b(task_id.encode("utf-8", "surrogatepass"), digest_size=12).hexdigest()
-
-
-def _notify_directory(path: str) -> str:
-    """``<db>.notify`` beside the database, or a short stand-in when that is too long."""
-    real = os.path.realpath(path)
-    directory = real + ".notify"
-    if len(os.fsencode(directory)) + MAX_SOCKET_NAME <= MAX_SOCKET_PATH:
-        return directory
-    digest = hashlib.sha256(os.fsencode(real)).hexdigest()[:16]
-    return os.path.join(tempfile.gettempdir(), f"wsgi-async-{digest}.notify")
-
-
 _registries: weakref.WeakSet[SQLiteRegistry] = weakref.WeakSet()
 
 
@@ -792,3 +499,4 @@ def _reset_after_fork() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_after_fork)
+

@@ -1,0 +1,133 @@
+"""The SQLite registry's schema and statements, and how a row becomes a record."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from typing import Any
+
+from .base import StoredResponse, TaskRecord, TaskStatus
+
+__all__ = [
+    "COLUMNS", "INSERT", "PENDING", "RETURNING", "SCHEMA", "SCHEMA_VERSION", "START",
+    "expire", "expired", "record", "settle",
+]
+
+SCHEMA_VERSION = 1
+
+SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS tasks (
+        id TEXT PRIMARY KEY,
+        route TEXT NOT NULL,
+        status TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        started_at REAL,
+        finished_at REAL,
+        expires_at REAL,
+        worker TEXT,
+        owner TEXT,
+        fingerprint TEXT,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        replay INTEGER NOT NULL DEFAULT 0,
+        timeout REAL,
+        result_ttl REAL NOT NULL,
+        response_head TEXT,
+        response_body BLOB,
+        request_environ TEXT,
+        request_body BLOB,
+        idempotency_key TEXT UNIQUE
+    )""",
+    """CREATE INDEX IF NOT EXISTS tasks_pending_by_worker ON tasks (worker, created_at)
+        WHERE status IN ('queued', 'running')""",
+    """CREATE INDEX IF NOT EXISTS tasks_by_expiry ON tasks (expires_at)
+        WHERE expires_at IS NOT NULL""",
+    """CREATE TABLE IF NOT EXISTS workers (id TEXT PRIMARY KEY, lease_expires REAL NOT NULL)""",
+    """CREATE INDEX IF NOT EXISTS workers_by_lease ON workers (lease_expires)""",
+    # One row counting the tasks, so that enforcing max_tasks never runs COUNT(*).
+    """CREATE TABLE IF NOT EXISTS counters (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        tasks INTEGER NOT NULL
+    )""",
+    """INSERT OR IGNORE INTO counters (id, tasks) VALUES (1, 0)""",
+    """CREATE TRIGGER IF NOT EXISTS tasks_count_insert AFTER INSERT ON tasks
+        BEGIN UPDATE counters SET tasks = tasks + 1 WHERE id = 1; END""",
+    """CREATE TRIGGER IF NOT EXISTS tasks_count_delete AFTER DELETE ON tasks
+        BEGIN UPDATE counters SET tasks = tasks - 1 WHERE id = 1; END""",
+    f"PRAGMA user_version = {SCHEMA_VERSION}",
+)
+
+COLUMNS = (
+    "id, route, status, created_at, started_at, finished_at, worker, owner, fingerprint,"
+    " attempts, replay, timeout, result_ttl, response_head, response_body, expires_at"
+)
+PENDING = "status IN ('queued', 'running')"
+INSERT = (
+    "INSERT INTO tasks (id, route, status, created_at, started_at, finished_at,"
+    " expires_at, worker, owner, fingerprint, attempts, replay, timeout,"
+    " result_ttl, response_head, response_body, request_environ, request_body,"
+    f" idempotency_key) VALUES ({', '.join('?' * 19)})"
+)
+START = (
+    "UPDATE tasks SET status = 'running', started_at = ?, attempts = attempts + 1"
+    " WHERE id = ? AND status = 'queued' AND worker = ?"
+)
+RETURNING = sqlite3.sqlite_version_info >= (3, 35, 0)  # UPDATE ... RETURNING
+
+
+def record(row: tuple[Any, ...]) -> TaskRecord:
+    (
+        task_id, route, status, created_at, started_at, finished_at, worker, owner,
+        fingerprint, attempts, replay, timeout, result_ttl, response_head, response_body, _,
+    ) = row  # fmt: skip
+    response = None
+    if response_head is not None:
+        response = StoredResponse.from_parts(response_head, bytes(response_body))
+    return TaskRecord(
+        id=task_id,
+        route=route,
+        status=TaskStatus(status),
+        created_at=created_at,
+        started_at=started_at,
+        finished_at=finished_at,
+        worker=worker,
+        owner=owner,
+        fingerprint=fingerprint,
+        attempts=attempts,
+        replay=bool(replay),
+        timeout=timeout,
+        result_ttl=result_ttl,
+        response=response,
+    )
+
+
+def expired(row: tuple[Any, ...], now: float) -> bool:
+    expires_at = row[-1]
+    return expires_at is not None and bool(expires_at <= now)
+
+
+def settle(
+    db: sqlite3.Connection,
+    where: str,
+    params: tuple[str, ...],
+    status: TaskStatus,
+    response: StoredResponse,
+    now: float | None = None,
+) -> bool:
+    now = time.time() if now is None else now
+    cursor = db.execute(
+        "UPDATE tasks SET status = ?, response_head = ?, response_body = ?, finished_at = ?,"
+        " expires_at = ? + result_ttl, request_environ = NULL, request_body = NULL"
+        f" WHERE {where}",
+        (status.value, response.headers_json(), response.body, now, now, *params),
+    )
+    return cursor.rowcount > 0
+
+
+def expire(db: sqlite3.Connection, now: float, limit: int) -> int:
+    cursor = db.execute(
+        "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks WHERE expires_at <= ?"
+        " ORDER BY expires_at LIMIT ?)",
+        (now, limit),
+    )
+    return cursor.rowcount
+

@@ -17,7 +17,6 @@ from wsgi_async.registry import (
     TaskRecord,
     TaskStatus,
 )
-from wsgi_async.registry.base import wait_if
 
 OK = StoredResponse(
     "200 OK",
@@ -151,15 +150,15 @@ def test_wait_if_checks_the_first_read_and_never_blocks_when_refused(
 ) -> None:
     record = registry.create(new_task(owner="alice"))
     began = time.monotonic()
-    assert wait_if(registry, record.id, 5.0, lambda found: found.owner == "mallory") is None
-    assert wait_if(registry, "x" * 32, 5.0, lambda found: True) is None
+    assert registry.wait_if(record.id, 5.0, lambda found: found.owner == "mallory") is None
+    assert registry.wait_if("x" * 32, 5.0, lambda found: True) is None
     assert time.monotonic() - began < 1
-    got = wait_if(registry, record.id, 0.3, lambda found: found.owner == "alice")
+    got = registry.wait_if(record.id, 0.3, lambda found: found.owner == "alice")
     assert got is not None and got.status is TaskStatus.QUEUED
     assert time.monotonic() - began >= 0.25
     registry.start(record.id, "w1")
     threading.Timer(0.2, registry.finish, (record.id, "w1", TaskStatus.DONE, OK)).start()
-    done = wait_if(registry, record.id, 10.0, lambda found: True)
+    done = registry.wait_if(record.id, 10.0, lambda found: True)
     assert done is not None and done.status is TaskStatus.DONE and done.response == OK
     assert time.monotonic() - began < 5
 

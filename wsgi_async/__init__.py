@@ -4,6 +4,7 @@ from .config import Options, Route
 from .errors import QueueFull, RegistryError, RegistryFull, RegistryUnavailable, WsgiAsyncError
 from .middleware import AsyncMiddleware
 from .registry import (
+    Capabilities,
     MemoryRegistry,
     Registry,
     StoredResponse,
@@ -12,9 +13,11 @@ from .registry import (
     open_registry,
 )
 from .request import TaskHandle
+from .service import TaskService
 
 __all__ = [
     "AsyncMiddleware",
+    "Capabilities",
     "MemoryRegistry",
     "Options",
     "QueueFull",
@@ -26,6 +29,7 @@ __all__ = [
     "StoredResponse",
     "TaskHandle",
     "TaskRecord",
+    "TaskService",
     "TaskStatus",
     "WsgiAsyncError",
     "open_registry",

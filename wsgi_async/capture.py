@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from typing import NoReturn
 
 from .errors import ResponseError, ResultTooLarge, TaskTimeout
-from .registry.base import StoredResponse
+from .model import StoredResponse
 from .types import OptExcInfo, WriteCallable, WSGIApplication, WSGIEnvironment
 
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")

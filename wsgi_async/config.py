@@ -20,7 +20,9 @@ RouteSpec = Iterable[RoutePattern] | Mapping[RoutePattern, RouteOptions]
 OwnerFunc = Callable[[WSGIEnvironment], str | None]
 
 MiB = 1024 * 1024
-ROUTE_OPTIONS = frozenset({"methods", "timeout", "result_ttl", "replay"})
+ROUTE_OPTIONS = frozenset({"methods", "timeout", "result_ttl", "replay", "executor"})
+# Where a task runs: this process's pool, separate worker processes, or the request itself.
+EXECUTORS = ("threads", "workers", "inline")
 _METHOD = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
@@ -33,6 +35,7 @@ class Route:
     timeout: float | None = None
     result_ttl: float | None = None
     replay: bool = False
+    executor: str | None = None
     # Every path the pattern matches starts with it: a cheap test before the regex,
     # since routes are tried on every request.
     prefix: str = field(init=False, default="")
@@ -68,6 +71,7 @@ class Options:
     max_waiters: int = 64
     lease_time: float = 15.0
     owner: OwnerFunc | None = None
+    executor: str = "threads"
 
     def route_for(self, path: str, method: str) -> Route | None:
         for route in self.routes:
@@ -80,6 +84,14 @@ class Options:
 
     def result_ttl_of(self, route: Route) -> float:
         return self.result_ttl if route.result_ttl is None else route.result_ttl
+
+    def executor_of(self, route: Route) -> str:
+        return self.executor if route.executor is None else route.executor
+
+    @property
+    def executors(self) -> frozenset[str]:
+        """Every executor some route uses."""
+        return frozenset(self.executor_of(route) for route in self.routes)
 
 
 _META = frozenset(".^$*+?{}[]\\|()")
@@ -154,6 +166,8 @@ def _route(pattern: object, spec: object) -> Route:
         timeout=_positive(f"routes[{name!r}].timeout", spec.get("timeout"), optional=True),
         result_ttl=_positive(f"routes[{name!r}].result_ttl", spec.get("result_ttl"), optional=True),
         replay=replay,
+        executor=None if spec.get("executor") is None
+        else _executor(f"routes[{name!r}].executor", spec["executor"]),
     )
 
 
@@ -185,6 +199,12 @@ def _positive(name: str, value: object, *, optional: bool = False, integer: bool
     return value
 
 
+def _executor(name: str, value: object) -> str:
+    if value not in EXECUTORS:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, EXECUTORS))}, got {value!r}")
+    return str(value)
+
+
 def _status_path(value: object) -> str:
     if not isinstance(value, str):
         raise TypeError(f"status_path must be a str, got {value!r}")
@@ -213,6 +233,8 @@ def build_options(routes: object, **options: Any) -> Options:
             checked[name] = _positive(name, options[name])
     if "task_timeout" in options:
         checked["task_timeout"] = _positive("task_timeout", options["task_timeout"], optional=True)
+    if "executor" in options:
+        checked["executor"] = _executor("executor", options["executor"])
     if "status_path" in options:
         checked["status_path"] = _status_path(options["status_path"])
     owner = options.get("owner")

@@ -1,15 +1,12 @@
-"""Request headers the middleware reads: ``Prefer`` (RFC 7240) and ``Idempotency-Key``."""
+"""The ``Prefer`` request header (RFC 7240): the preferences this middleware honours."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from werkzeug.http import parse_list_header
 
 from .types import WSGIEnvironment
-
-_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,19 +36,3 @@ def parse_prefer(environ: WSGIEnvironment) -> Preferences:
         elif name == "wait" and wait is None and value.isascii() and value.isdigit():
             wait = float(value)
     return Preferences(respond_async, wait)
-
-
-def parse_idempotency_key(environ: WSGIEnvironment) -> str | None:
-    """The ``Idempotency-Key`` value (a structured-field string or a bare token).
-
-    Raises :class:`ValueError` when the header is present but unusable.
-    """
-    raw = environ.get("HTTP_IDEMPOTENCY_KEY")
-    if not isinstance(raw, str):
-        return None
-    key = raw.strip()
-    if len(key) >= 2 and key[0] == key[-1] == '"':
-        key = key[1:-1]
-    if not _KEY.fullmatch(key):
-        raise ValueError("Idempotency-Key must be 1 to 255 visible ASCII characters")
-    return key

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 from wsgiref.util import FileWrapper
 
-from .registry.base import RequestSnapshot
+from .model import RequestSnapshot
 from .types import WSGIEnvironment
 
 READ_CHUNK = 64 * 1024

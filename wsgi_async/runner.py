@@ -15,14 +15,8 @@ from typing import TypeVar
 
 from .capture import capture
 from .errors import RegistryError, ResponseError, ResultTooLarge, TaskTimeout
-from .registry.base import (
-    Registry,
-    RequestSnapshot,
-    StoredResponse,
-    TaskRecord,
-    TaskStatus,
-    error_response,
-)
+from .model import RequestSnapshot, StoredResponse, TaskRecord, TaskStatus, error_response
+from .registry.base import Registry
 from .request import TaskHandle, task_environ
 from .supervisor import Supervisor
 from .types import WSGIApplication

@@ -17,8 +17,9 @@ from urllib.parse import quote
 
 from .config import Options
 from .errors import RegistryError
+from .model import TaskRecord
 from .prefer import parse_prefer
-from .registry.base import Registry, TaskRecord, wait_if
+from .registry import Registry
 from .responses import replay, send_empty, send_error, send_json
 from .types import StartResponse, WSGIEnvironment
 
@@ -54,8 +55,9 @@ class StatusEndpoint:
             # within max_waiters; past it, or without a wait, it is a plain read.
             if wait and self._waiters.acquire(blocking=False):
                 try:
-                    record = wait_if(self.registry, task_id, min(wait, self.options.max_wait),
-                                     lambda found: owns(found, owner))
+                    record = self.registry.wait_if(
+                        task_id, min(wait, self.options.max_wait), lambda found: owns(found, owner)
+                    )
                 finally:
                     self._waiters.release()
             else:

@@ -18,7 +18,8 @@ import weakref
 from collections.abc import Callable
 
 from .errors import RegistryError
-from .registry.base import Registry, TaskRecord, error_response
+from .model import TaskRecord, error_response
+from .registry.base import Registry
 
 log = logging.getLogger("wsgi_async")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from .base import (
+    Capabilities,
     Registry,
     RegistryError,
     RegistryFull,
@@ -17,6 +18,7 @@ from .base import (
 from .memory import MemoryRegistry
 
 __all__ = [
+    "Capabilities",
     "MemoryRegistry",
     "Registry",
     "RegistryError",

@@ -12,8 +12,11 @@ from __future__ import annotations
 import heapq
 import threading
 import time
+from collections.abc import Callable
+from typing import ClassVar
 
 from .base import (
+    Capabilities,
     RegistryFull,
     RequestSnapshot,
     StoredResponse,
@@ -27,6 +30,10 @@ from .base import (
 
 class MemoryRegistry:
     """Thread-safe, bounded in-memory registry (``memory://``)."""
+
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        shared=False, queue=False, blocking_wait=True
+    )
 
     def __init__(self, max_tasks: int = 10_000, max_bytes: int = 1024 * 1024 * 1024) -> None:
         if max_tasks < 1:
@@ -137,6 +144,16 @@ class MemoryRegistry:
                 if waiting.count == 0:
                     del self._waiting[task_id]
             return None if record is None else record.copy()
+
+    def wait_if(
+        self, task_id: str, timeout: float, accept: Callable[[TaskRecord], bool] | None
+    ) -> TaskRecord | None:
+        record = self.get(task_id)
+        if record is None or (accept is not None and not accept(record)):
+            return None
+        if record.status.is_final:
+            return record
+        return self.wait(task_id, timeout)
 
     def delete(self, task_id: str) -> bool:
         with self._lock:

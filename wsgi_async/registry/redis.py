@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import cast
+from typing import ClassVar, cast
 
 try:
     import redis
@@ -41,6 +41,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 
 from . import redis_scripts as lua
 from .base import (
+    Capabilities,
     RegistryError,
     RegistryFull,
     RegistryUnavailable,
@@ -66,6 +67,10 @@ class RedisRegistry:
     ``client`` must return bytes (no ``decode_responses``).  One instance is
     shared by the threads of a process; ``close`` releases its connections.
     """
+
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        shared=True, queue=False, blocking_wait=True
+    )
 
     def __init__(
         self, client: redis.Redis, *, prefix: str = "wsgi-async:", max_tasks: int = 10_000

@@ -21,10 +21,12 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
+from typing import ClassVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from . import sqlite_schema as schema
 from .base import (
+    Capabilities,
     RegistryError,
     RegistryFull,
     RegistryUnavailable,
@@ -48,6 +50,10 @@ EXPIRE_ON_FULL = 100
 
 class SQLiteRegistry:
     """Registry in one SQLite file, shared by the processes of a host (``sqlite:///path``)."""
+
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        shared=True, queue=False, blocking_wait=True
+    )
 
     def __init__(
         self,

@@ -1,0 +1,247 @@
+"""The task service: accept, run and settle tasks in one process.
+
+One :class:`TaskService` owns the registry, the executor (the bounded pool of
+this process), the runner that drives the application for one task, and the
+supervisor that keeps leases, timeouts and expiry.  The WSGI front
+(:class:`~wsgi_async.middleware.AsyncMiddleware`) hands it requests; a worker
+process would hand it tasks claimed from a queue: both share this object.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import threading
+from typing import Literal
+
+from .config import Options, Route
+from .errors import QueueFull, RegistryError, RegistryFull
+from .executor import WorkerPool
+from .idempotency import fingerprint
+from .model import RequestSnapshot, TaskRecord, error_response, new_task_id
+from .registry import Registry
+from .runner import TaskRunner
+from .supervisor import Supervisor
+from .types import WSGIApplication
+
+log = logging.getLogger("wsgi_async")
+
+BUSY = "The server is busy: its task queue is full; try again later."
+FULL = "The server holds too many tasks; try again later."
+UNAVAILABLE = "The task registry is unavailable."
+NO_THREAD = "No worker could be started."
+# What a submit did: stored a new task, found the one its Idempotency-Key made, or
+# found that key used by a different request.
+Outcome = Literal["new", "repeated", "conflict"]
+PRIVATE_REGISTRY = (
+    "the memory:// registry is private to each process, and this server runs several: "
+    "polls may reach another process and get 404. "
+    "Use registry='sqlite:///path/tasks.db' or 'redis://host:port/db'."
+)
+
+
+class Refused(Exception):
+    """A task cannot be accepted now; the client should retry (503)."""
+
+    def __init__(self, detail: str, reason: str, level: int) -> None:
+        super().__init__(reason)
+        self.detail = detail
+        self.reason = reason
+        self.level = level
+
+
+class _Job:
+    """A task queued in this process's pool."""
+
+    __slots__ = ("multiprocess", "request", "service", "task_id")
+
+    def __init__(
+        self, service: TaskService, task_id: str, request: RequestSnapshot, multiprocess: bool
+    ) -> None:
+        self.service = service
+        self.task_id = task_id
+        self.request = request
+        self.multiprocess = multiprocess
+
+    @property
+    def size(self) -> int:
+        return self.request.size
+
+    def run(self) -> None:
+        self.service.runner.run(self.task_id, self.request, multiprocess=self.multiprocess)
+
+    def cancel(self, reason: str) -> None:
+        self.service.fail_unqueued(self.task_id, reason)
+
+
+class TaskService:
+    """Everything that makes a task happen in this process, behind one object."""
+
+    def __init__(self, app: WSGIApplication, registry: Registry, options: Options) -> None:
+        self.app = app
+        self.registry = registry
+        self.options = options
+        self._worker: tuple[int, str] = (0, "")
+        self._worker_lock = threading.Lock()
+        self._warned_multiprocess = False
+        self.pool = WorkerPool(
+            options.max_workers, options.max_queued, options.max_pending_bytes
+        )
+        self.supervisor = Supervisor(
+            registry, self.worker_id, options.lease_time, self._requeued,
+            free_slots=lambda: self.pool.free_slots,
+        )
+        self.runner = TaskRunner(
+            app, registry, self.supervisor, self.worker_id, options.max_result_size
+        )
+
+    def worker_id(self) -> str:
+        """This process's id in the registry; a forked child gets its own."""
+        pid = os.getpid()
+        worker = self._worker
+        if worker[0] != pid:
+            # Two first requests at once must not each make up an id.
+            with self._worker_lock:
+                if self._worker[0] != pid:
+                    self._worker = (pid, f"{pid}-{secrets.token_hex(8)}")
+                worker = self._worker
+        return worker[1]
+
+    def new_record(self, route: Route, request: RequestSnapshot, owner: str | None) -> TaskRecord:
+        """A queued task for ``request`` on ``route``, held by this process."""
+        return TaskRecord(
+            id=new_task_id(),
+            route=route.pattern.pattern,
+            worker=self.worker_id(),
+            owner=owner,
+            fingerprint=fingerprint(request),
+            replay=route.replay,
+            timeout=self.options.timeout_of(route),
+            result_ttl=self.options.result_ttl_of(route),
+        )
+
+    def submit(
+        self,
+        route: Route,
+        request: RequestSnapshot,
+        *,
+        owner: str | None = None,
+        key: str | None = None,
+        multiprocess: bool = False,
+    ) -> tuple[TaskRecord, Outcome]:
+        """Store a task for ``request`` and have it run; return it and what happened.
+
+        With ``key`` (already scoped to its caller), a task stored under that
+        key is returned instead: ``"repeated"``, or ``"conflict"`` when it was
+        made for a different request.  Raises :class:`Refused` when the task
+        cannot be accepted now; then nothing is stored and nothing queued.
+        """
+        record = self.new_record(route, request, owner)
+        if self.options.executor_of(route) == "inline":
+            stored = self._run_inline(record, request, key, multiprocess)
+        else:
+            stored = self._enqueue(record, request, key, multiprocess)
+        if stored.id == record.id:
+            return stored, "new"
+        return stored, "repeated" if stored.fingerprint == record.fingerprint else "conflict"
+
+    def _enqueue(
+        self, record: TaskRecord, request: RequestSnapshot, key: str | None, multiprocess: bool
+    ) -> TaskRecord:
+        # A place in the pool is reserved first, so that a refusal leaves nothing behind.
+        size = request.size
+        try:
+            self.pool.reserve(size)
+        except QueueFull as exc:
+            raise Refused(BUSY, str(exc), logging.WARNING) from None
+        queued = False
+        try:
+            stored = self._create(record, request, key, multiprocess)
+            if stored.id != record.id:
+                return stored
+            try:
+                self.pool.put(_Job(self, stored.id, request, multiprocess))
+            except (RuntimeError, QueueFull) as exc:
+                self.fail_unqueued(stored.id, NO_THREAD if isinstance(exc, RuntimeError)
+                                   else BUSY)
+                raise
+            queued = True
+            return stored
+        except QueueFull as exc:  # shut down while the task was being stored
+            raise Refused(BUSY, str(exc), logging.WARNING) from None
+        except RuntimeError as exc:  # no thread could be started
+            raise Refused(NO_THREAD, str(exc), logging.ERROR) from None
+        finally:
+            if not queued:
+                self.pool.release(size)
+
+    def _run_inline(
+        self, record: TaskRecord, request: RequestSnapshot, key: str | None, multiprocess: bool
+    ) -> TaskRecord:
+        """Run the task in the caller's thread before answering (tests and debugging)."""
+        stored = self._create(record, request, key, multiprocess)
+        if stored.id != record.id:
+            return stored
+        self.runner.run(stored.id, request, multiprocess=multiprocess)
+        try:
+            return self.registry.get(stored.id) or stored
+        except RegistryError:
+            return stored
+
+    def _create(
+        self, record: TaskRecord, request: RequestSnapshot, key: str | None, multiprocess: bool
+    ) -> TaskRecord:
+        """Store ``record`` (and its request when it may be replayed), or refuse."""
+        try:
+            self.supervisor.ensure_started()
+            stored = self.registry.create(record, request if record.replay else None, key)
+        except RegistryFull as exc:
+            raise Refused(FULL, str(exc), logging.WARNING) from None
+        except RegistryError as exc:
+            raise Refused(UNAVAILABLE, str(exc), logging.ERROR) from None
+        self._warn_if_private(multiprocess)
+        return stored
+
+    def fail_unqueued(self, task_id: str, detail: str) -> None:
+        """A stored task that will not run here must still end: fail it."""
+        response = error_response(503, detail, id=task_id)
+        try:
+            self.registry.fail(task_id, response)
+        except RegistryError:
+            self.supervisor.retry_later(task_id, lambda: self.registry.fail(task_id, response))
+
+    def _warn_if_private(self, multiprocess: bool) -> None:
+        if multiprocess and not self._warned_multiprocess and not self.registry.capabilities.shared:
+            self._warned_multiprocess = True
+            log.warning("wsgi_async: %s", PRIVATE_REGISTRY)
+
+    def _requeued(self, record: TaskRecord) -> None:
+        """Run a task that a lost process held, now handed to this one."""
+        request = self.registry.request(record.id)
+        if request is None:
+            self.registry.fail(record.id, error_response(
+                500, "The task's request was not stored; it cannot be replayed.", id=record.id))
+            return
+        try:
+            self.pool.submit(_Job(self, record.id, request, True))
+        except (QueueFull, RuntimeError):
+            self.registry.fail(record.id, error_response(
+                503, "No worker was free to replay the task after its worker was lost.",
+                id=record.id))
+
+    def ensure_started(self) -> None:
+        """Start the supervisor: any process that serves polls also settles dead ones' tasks."""
+        try:
+            self.supervisor.ensure_started()
+        except RegistryError as exc:
+            log.warning("wsgi_async: registry unavailable, supervisor not started: %s", exc)
+
+    def shutdown(self, wait: bool = True, timeout: float | None = None) -> None:
+        """Stop the pool (finishing queued tasks when ``wait``) and the supervisor.
+
+        Tasks still running afterwards (``wait=False``, or past ``timeout``)
+        are settled by another process once this one's lease lapses.
+        """
+        drained = self.pool.shutdown(wait=wait, timeout=timeout)
+        self.supervisor.stop(retire=drained)

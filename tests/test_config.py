@@ -149,3 +149,26 @@ def test_literal_prefix_respects_flags() -> None:
     assert literal_prefix(re.compile(r"^/reports/", re.IGNORECASE)) == ""
     assert literal_prefix(re.compile(r"^/reports/", re.VERBOSE)) == ""
     assert literal_prefix(re.compile(r"^/reports/", re.MULTILINE)) == "/reports/"
+
+
+def test_every_option_is_a_typed_keyword_parameter_with_the_options_default() -> None:
+    import inspect
+    from dataclasses import fields
+
+    from wsgi_async.config import Options
+
+    params = inspect.signature(AsyncMiddleware.__init__).parameters
+    defaults = Options(routes=())
+    for field in fields(Options):
+        if field.name == "routes":
+            continue
+        param = params[field.name]
+        assert param.kind is inspect.Parameter.KEYWORD_ONLY, field.name
+        assert param.annotation != "Any", field.name
+        assert param.default == getattr(defaults, field.name), field.name
+        assert f":param {field.name}:" in (AsyncMiddleware.__doc__ or ""), field.name
+
+
+def test_a_misspelt_option_is_a_type_error_naming_it() -> None:
+    with pytest.raises(TypeError, match="max_worker"):
+        AsyncMiddleware(app, routes=["^/"], max_worker=3)  # type: ignore[call-arg]

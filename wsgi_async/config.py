@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from .types import WSGIEnvironment
 
@@ -22,7 +22,8 @@ OwnerFunc = Callable[[WSGIEnvironment], str | None]
 MiB = 1024 * 1024
 ROUTE_OPTIONS = frozenset({"methods", "timeout", "result_ttl", "replay", "executor"})
 # Where a task runs: this process's pool, separate worker processes, or the request itself.
-EXECUTORS = ("threads", "workers", "inline")
+Executor = Literal["threads", "workers", "inline"]
+EXECUTORS: tuple[Executor, ...] = ("threads", "workers", "inline")
 _METHOD = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
@@ -35,7 +36,7 @@ class Route:
     timeout: float | None = None
     result_ttl: float | None = None
     replay: bool = False
-    executor: str | None = None
+    executor: Executor | None = None
     # Every path the pattern matches starts with it: a cheap test before the regex,
     # since routes are tried on every request.
     prefix: str = field(init=False, default="")
@@ -71,7 +72,7 @@ class Options:
     max_waiters: int = 64
     lease_time: float = 15.0
     owner: OwnerFunc | None = None
-    executor: str = "threads"
+    executor: Executor = "threads"
 
     def route_for(self, path: str, method: str) -> Route | None:
         for route in self.routes:
@@ -85,14 +86,17 @@ class Options:
     def result_ttl_of(self, route: Route) -> float:
         return self.result_ttl if route.result_ttl is None else route.result_ttl
 
-    def executor_of(self, route: Route) -> str:
+    def executor_of(self, route: Route) -> Executor:
         return self.executor if route.executor is None else route.executor
 
     @property
-    def executors(self) -> frozenset[str]:
+    def executors(self) -> frozenset[Executor]:
         """Every executor some route uses."""
         return frozenset(self.executor_of(route) for route in self.routes)
 
+
+# The defaults, for the middleware's typed keyword parameters.
+DEFAULTS = Options(routes=())
 
 _META = frozenset(".^$*+?{}[]\\|()")
 
@@ -199,10 +203,11 @@ def _positive(name: str, value: object, *, optional: bool = False, integer: bool
     return value
 
 
-def _executor(name: str, value: object) -> str:
-    if value not in EXECUTORS:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, EXECUTORS))}, got {value!r}")
-    return str(value)
+def _executor(name: str, value: object) -> Executor:
+    for executor in EXECUTORS:
+        if value == executor:
+            return executor
+    raise ValueError(f"{name} must be one of {', '.join(map(repr, EXECUTORS))}, got {value!r}")
 
 
 def _status_path(value: object) -> str:

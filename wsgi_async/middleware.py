@@ -13,9 +13,8 @@ import hashlib
 import logging
 import weakref
 from collections.abc import Iterable
-from typing import Any
 
-from .config import Options, Route, RouteSpec, build_options
+from .config import DEFAULTS, Executor, Options, OwnerFunc, Route, RouteSpec, build_options
 from .executor import WorkerPool, check_uwsgi_threads
 from .idempotency import parse_idempotency_key, scoped_key
 from .model import TaskRecord
@@ -35,9 +34,40 @@ log = logging.getLogger("wsgi_async")
 class AsyncMiddleware:
     """Run the matching routes of a WSGI application as asynchronous tasks.
 
-    ``routes`` is a list of regexes, or a mapping of regex to a list of
-    methods or to per-route options (``methods``, ``timeout``,
-    ``result_ttl``, ``replay``).  See the README for every keyword option.
+    A request whose path and method match a route is read completely, stored
+    as a task and answered ``202 Accepted`` with the ``Location`` of its status
+    URL; the application's own response is served there once it is done.
+    Every option is validated here, and a bad value raises ``ValueError`` or
+    ``TypeError`` naming it.
+
+    :param app: the WSGI application to wrap.
+    :param routes: regexes matched with ``re.match`` on ``PATH_INFO``: a list,
+        or a mapping of regex to a list of methods or to per-route options
+        (``methods``, ``timeout``, ``result_ttl``, ``replay``, ``executor``).
+    :param registry: where tasks live: a :class:`Registry` or a URL
+        (``memory://``, ``sqlite:///path/tasks.db``, ``redis://host:port/db``).
+    :param status_path: the path under ``SCRIPT_NAME`` where task URLs live.
+    :param executor: where tasks run: ``"threads"`` (this process's pool),
+        ``"workers"`` (separate worker processes, through the registry's
+        queue) or ``"inline"`` (before the ``202`` is sent; tests only).
+    :param max_workers: task threads per process.
+    :param max_queued: tasks waiting for a thread; past it ``503``.
+    :param max_body_size: bytes of one request body; past it ``413``.
+    :param max_result_size: bytes of one buffered response body; past it a stored ``500``.
+    :param max_pending_bytes: request bodies held by pending tasks of a
+        process; past it ``503``.  At least ``max_body_size``.
+    :param max_stored_bytes: result bodies kept by the ``memory://``
+        registry; a result that does not fit is stored as a ``507``.
+    :param max_tasks: tasks held by a registry opened from a URL; past it ``503``.
+    :param result_ttl: seconds a finished task is kept.
+    :param task_timeout: seconds a task may run (``None``: no limit); past it a stored ``504``.
+    :param retry_after: the ``Retry-After`` seconds sent with ``202`` and ``503``.
+    :param max_wait: cap, in seconds, on ``Prefer: wait``.
+    :param max_waiters: long-polls held at once per process; past it a poll answers at once.
+    :param lease_time: seconds a process's lease lasts without a heartbeat;
+        a dead process's tasks are settled within about this time.
+    :param owner: ``owner(environ) -> str | None`` binds each task to its
+        caller; another caller gets ``404``.
     """
 
     def __init__(
@@ -46,8 +76,27 @@ class AsyncMiddleware:
         routes: RouteSpec,
         *,
         registry: Registry | str = "memory://",
-        **options: Any,
+        status_path: str = DEFAULTS.status_path,
+        executor: Executor = DEFAULTS.executor,
+        max_workers: int = DEFAULTS.max_workers,
+        max_queued: int = DEFAULTS.max_queued,
+        max_body_size: int = DEFAULTS.max_body_size,
+        max_result_size: int = DEFAULTS.max_result_size,
+        max_pending_bytes: int = DEFAULTS.max_pending_bytes,
+        max_stored_bytes: int = DEFAULTS.max_stored_bytes,
+        max_tasks: int = DEFAULTS.max_tasks,
+        result_ttl: float = DEFAULTS.result_ttl,
+        task_timeout: float | None = DEFAULTS.task_timeout,
+        retry_after: int = DEFAULTS.retry_after,
+        max_wait: float = DEFAULTS.max_wait,
+        max_waiters: int = DEFAULTS.max_waiters,
+        lease_time: float = DEFAULTS.lease_time,
+        owner: OwnerFunc | None = None,
     ) -> None:
+        options = {
+            name: value for name, value in locals().items()
+            if name not in ("self", "app", "routes", "registry")
+        }
         if not callable(app):
             raise TypeError(f"app must be a WSGI callable, got {app!r}")
         check_uwsgi_threads()

@@ -1,9 +1,9 @@
 """Black box over real HTTP against real WSGI servers, each started as a subprocess.
 
-One suite runs against every server: werkzeug (through the ``wsgi-async serve``
-CLI), wsgiref, waitress, gunicorn (gthread and sync workers), uWSGI and cheroot,
-all serving ``tests/apps/serverapp.py`` on a free loopback port.  Only
-:mod:`http.client` talks to them.  A server whose package is missing is
+One suite runs against every server: the ``wsgi-async serve`` CLI (on waitress,
+and with ``--dev`` on werkzeug), wsgiref, waitress, gunicorn (gthread and sync
+workers), uWSGI and cheroot, all serving ``tests/apps/serverapp.py`` on a free
+loopback port.  Only :mod:`http.client` talks to them.  A server whose package is missing is
 skipped locally and fails under CI (``CI`` set).
 """
 
@@ -122,11 +122,15 @@ class ServerSpec:
         return self.name
 
 
-def _cli(port: int) -> list[str]:
-    script = BIN / "wsgi-async"
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "wsgi_async"]
-    return [*command, "serve", "serverapp:raw_app", "--route", "^/slow$", "--route", "^/fail$",
-            "--host", "127.0.0.1", "--port", str(port), "--log-level", "INFO"]
+def _cli(*extra: str) -> Callable[[int], list[str]]:
+    def argv(port: int) -> list[str]:
+        script = BIN / "wsgi-async"
+        command = [str(script)] if script.exists() else [sys.executable, "-m", "wsgi_async"]
+        return [*command, "serve", "serverapp:raw_app", "--route", "^/slow$", "--route",
+                "^/fail$", "--host", "127.0.0.1", "--port", str(port), "--log-level", "INFO",
+                *extra]
+
+    return argv
 
 
 def _gunicorn(worker: str) -> Callable[[int], list[str]]:
@@ -162,7 +166,8 @@ def uwsgi_argv(port: int, *extra: str) -> list[str]:
 
 
 SERVERS = [
-    ServerSpec("werkzeug-cli", "werkzeug", _cli, max_body_size=CLI_MAX_BODY_SIZE),
+    ServerSpec("cli-waitress", "waitress", _cli(), max_body_size=CLI_MAX_BODY_SIZE),
+    ServerSpec("cli-dev-werkzeug", "werkzeug", _cli("--dev"), max_body_size=CLI_MAX_BODY_SIZE),
     ServerSpec("wsgiref", "wsgiref",
                lambda port: [sys.executable, str(APPS / "wsgiref_runner.py"), str(port)],
                delimits_chunked=False),

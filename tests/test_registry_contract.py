@@ -203,6 +203,20 @@ def test_idempotency_key_returns_the_first_task(registry: Registry) -> None:
     assert third.id != first.id
 
 
+def test_an_idempotent_retry_never_returns_an_expired_task(registry: Registry) -> None:
+    """More tasks expire at once than a create sweeps: the key's task is still gone."""
+    keyed = ""
+    for index in range(150):
+        task = registry.create(new_task(result_ttl=0.2), idempotency_key=f"many-{index}")
+        registry.start(task.id, "w1")
+        registry.finish(task.id, "w1", TaskStatus.DONE, OK)
+        keyed = task.id
+    time.sleep(1.1)
+    retried = registry.create(new_task(), idempotency_key="many-149")
+    assert retried.id != keyed and registry.get(keyed) is None
+    assert registry.get(retried.id) is not None  # its Location answers
+
+
 def test_request_snapshot_is_kept_for_replay(registry: Registry) -> None:
     snapshot = RequestSnapshot({"REQUEST_METHOD": "POST", "PATH_INFO": "/r"}, b"\x00body\xff")
     record = registry.create(new_task(replay=True), request=snapshot)

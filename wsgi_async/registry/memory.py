@@ -68,8 +68,10 @@ class MemoryRegistry:
             self._expire_locked(time.time(), 100)
             if idempotency_key is not None:
                 existing = self._keys.get(idempotency_key)
-                if existing is not None and existing in self._tasks:
-                    return self._tasks[existing].copy()
+                # The sweep above is bounded: the key's task may have expired unswept.
+                found = None if existing is None else self._live_locked(existing)
+                if found is not None:
+                    return found.copy()
             if len(self._tasks) >= self.max_tasks:
                 raise RegistryFull(f"the registry holds its maximum of {self.max_tasks} tasks")
             stored = record.copy()

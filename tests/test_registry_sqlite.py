@@ -9,6 +9,7 @@ import random
 import signal
 import socket
 import sqlite3
+import stat
 import statistics
 import threading
 import time
@@ -580,5 +581,50 @@ def test_start_with_and_without_update_returning(
         assert started == registry.get(record.id)
         assert registry.start(record.id, "w1") is None
         assert registry.start("x" * 32, "w1") is None
+    finally:
+        registry.close()
+
+
+# -- file permissions ------------------------------------------------------------------
+
+
+def test_the_files_are_private_to_their_user(db_path: Path) -> None:
+    """The database holds replayable requests (Authorization, Cookie): 0600 whatever the umask."""
+    previous = os.umask(0o022)
+    try:
+        registry = SQLiteRegistry(db_path)
+        try:
+            snapshot = RequestSnapshot({"HTTP_AUTHORIZATION": "Bearer secret"}, b"")
+            task = registry.create(new_task(replay=True), request=snapshot)
+            registry.wait(task.id, 0.05)  # subscribes: the notify directory exists
+            modes = {
+                name: stat.S_IMODE(os.stat(f"{db_path}{name}").st_mode)
+                for name in ("", "-wal", "-shm")
+            }
+            assert modes == {"": 0o600, "-wal": 0o600, "-shm": 0o600}
+            notify = os.lstat(registry.notify_directory)
+            assert stat.S_ISDIR(notify.st_mode) and stat.S_IMODE(notify.st_mode) == 0o700
+        finally:
+            registry.close()
+    finally:
+        os.umask(previous)
+
+
+def test_a_notify_directory_made_by_someone_else_is_not_used(
+    db_path: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A path another local user created first (here a symlink to their folder) is refused."""
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o777)
+    os.symlink(theirs, f"{db_path}.notify")
+    registry = SQLiteRegistry(db_path)
+    try:
+        task = registry.create(new_task())
+        registry.start(task.id, "w1")
+        threading.Timer(0.2, registry.finish, (task.id, "w1", TaskStatus.DONE, OK)).start()
+        got = registry.wait(task.id, 5)  # still answers, by the safety net's re-reads
+        assert got is not None and got.status is TaskStatus.DONE
+        assert list(theirs.iterdir()) == []  # no socket of ours in their folder
+        assert "cannot listen for task completions" in caplog.text
     finally:
         registry.close()

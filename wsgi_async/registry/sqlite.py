@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import sqlite3
+import stat
 import threading
 import time
 import weakref
@@ -85,6 +86,7 @@ class SQLiteRegistry:
         self._process = _Process(self.notify_directory)
         _registries.add(self)
         try:
+            create_private(self.path)
             self._create_schema()
         except BaseException:
             self.close()
@@ -456,6 +458,24 @@ class SQLiteRegistry:
     def _count(db: sqlite3.Connection) -> int:
         (count,) = db.execute("SELECT tasks FROM counters WHERE id = 1").fetchone()
         return int(count)
+
+
+def create_private(path: str) -> None:
+    """Create the database file readable by its user only (0600), if it does not exist.
+
+    It holds replayable requests, with their ``Authorization`` and ``Cookie``
+    headers; SQLite gives its ``-wal`` and ``-shm`` files the same mode.  An
+    existing file keeps its mode: a warning says when others can read it.
+    """
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        with contextlib.suppress(OSError):
+            if stat.S_IMODE(os.stat(path).st_mode) & 0o077:
+                log.warning("wsgi_async: SQLite registry %s can be read by other users; "
+                            "it holds requests' headers: chmod 600 it", path)
+    except OSError:
+        pass  # a missing folder, say: connecting reports it
 
 
 # -- per-process state -----------------------------------------------------------

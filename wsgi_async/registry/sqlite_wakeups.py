@@ -12,12 +12,13 @@ import logging
 import os
 import secrets
 import socket
+import stat
 import tempfile
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 
 __all__ = ["BURST", "MAX_SOCKET_NAME", "MAX_SOCKET_PATH", "SAFETY_NET", "Wakeups",
-           "notify_directory", "wake_token"]
+           "notify_directory", "private_directory", "wake_token"]
 
 log = logging.getLogger("wsgi_async.registry.sqlite")
 
@@ -120,7 +121,7 @@ class Wakeups:
             name = f"{os.getpid():x}-{secrets.token_hex(4)}.sock"
             address = os.path.join(self.directory, name)
             try:
-                os.makedirs(self.directory, exist_ok=True)
+                private_directory(self.directory)
                 listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             except (OSError, AttributeError) as exc:
                 self._give_up(exc)
@@ -187,11 +188,40 @@ def wake_token(task_id: str) -> str:
 
 
 def notify_directory(path: str) -> str:
-    """``<db>.notify`` beside the database, or a short stand-in when that is too long."""
+    """``<db>.notify`` beside the database, or a short stand-in when that is too long.
+
+    The stand-in is in ``$XDG_RUNTIME_DIR`` (private to the user) when there is
+    one, else in the temporary folder, where :func:`private_directory` refuses
+    a folder another user made first.
+    """
     real = os.path.realpath(path)
     directory = real + ".notify"
     if len(os.fsencode(directory)) + MAX_SOCKET_NAME <= MAX_SOCKET_PATH:
         return directory
     digest = hashlib.sha256(os.fsencode(real)).hexdigest()[:16]
-    return os.path.join(tempfile.gettempdir(), f"wsgi-async-{digest}.notify")
+    name = f"wsgi-async-{digest}.notify"
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    if os.path.isabs(runtime):
+        candidate = os.path.join(runtime, name)
+        if len(os.fsencode(candidate)) + MAX_SOCKET_NAME <= MAX_SOCKET_PATH:
+            return candidate
+    return os.path.join(tempfile.gettempdir(), name)
+
+
+def private_directory(path: str) -> None:
+    """Make ``path`` a folder only this user can enter (0700), or raise ``OSError``.
+
+    A folder at a predictable path may have been made first by another local
+    user, to receive or remove our sockets: a symlink, another owner, or a
+    folder that is not one is refused; our own folder is tightened to 0700.
+    """
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode):
+        raise OSError(f"{path} is not a folder (a symlink, or a file)")
+    if hasattr(os, "geteuid") and info.st_uid != os.geteuid():
+        raise PermissionError(f"{path} belongs to another user (uid {info.st_uid})")
+    if stat.S_IMODE(info.st_mode) != 0o700:
+        os.chmod(path, 0o700)
 

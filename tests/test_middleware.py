@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -718,6 +719,39 @@ def test_memory_registry_under_a_multiprocess_server_warns_once(
             app.post("/async", b"", extra_environ={"wsgi.multiprocess": True}, status=202)
     warnings = [r for r in caplog.records if "private to each process" in r.getMessage()]
     assert len(warnings) == 1
+
+
+def test_a_multiprocess_server_on_memory_is_warned_at_its_first_request_and_named_in_404(
+    cleanup: list[AsyncMiddleware], caplog: pytest.LogCaptureFixture
+) -> None:
+    _, app = make(cleanup, echo_app)
+    multi = {"wsgi.multiprocess": True}
+    with caplog.at_level(logging.WARNING, logger="wsgi_async"):
+        app.get("/plain", extra_environ=multi)  # a pass-through request, before any submit
+    assert [r for r in caplog.records if "private to each process" in r.getMessage()]
+    missing = app.get("/_async/tasks/" + "a" * 32, extra_environ=multi, status=404)
+    assert "Likely cause" in missing.json["detail"]
+    assert "sqlite:///" in missing.json["detail"]
+
+
+def test_a_single_process_server_gets_the_plain_404(cleanup: list[AsyncMiddleware]) -> None:
+    _, app = make(cleanup, echo_app)
+    missing = app.get("/_async/tasks/" + "a" * 32, status=404)
+    assert missing.json["detail"] == "No such task: the id is unknown, malformed or expired."
+
+
+def test_uwsgi_with_several_processes_counts_as_multiprocess(
+    cleanup: list[AsyncMiddleware], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import types
+
+    stand_in = types.ModuleType("uwsgi")
+    stand_in.numproc = 4  # type: ignore[attr-defined]
+    stand_in.has_threads = 1  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "uwsgi", stand_in)
+    _, app = make(cleanup, echo_app)
+    missing = app.get("/_async/tasks/" + "a" * 32, status=404)
+    assert "Likely cause" in missing.json["detail"]
 
 
 def test_no_worker_thread_can_start_is_a_clean_503(

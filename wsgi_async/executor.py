@@ -51,6 +51,12 @@ def check_uwsgi_threads() -> None:
         )
 
 
+def uwsgi_processes() -> int:
+    """How many worker processes uWSGI runs (1 outside uWSGI)."""
+    uwsgi = sys.modules.get("uwsgi")
+    return int(getattr(uwsgi, "numproc", 1) or 1) if uwsgi is not None else 1
+
+
 class WorkerPool:
     """A fixed number of daemon threads fed by a bounded queue.
 

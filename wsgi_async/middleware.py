@@ -15,7 +15,7 @@ import weakref
 from collections.abc import Iterable
 
 from .config import DEFAULTS, Executor, Options, OwnerFunc, Route, RouteSpec, build_options
-from .executor import WorkerPool, check_uwsgi_threads
+from .executor import WorkerPool, check_uwsgi_threads, uwsgi_processes
 from .idempotency import parse_idempotency_key, scoped_key
 from .model import TaskRecord
 from .prefer import Preferences, parse_prefer
@@ -148,6 +148,10 @@ class AsyncMiddleware:
     def __call__(
         self, environ: WSGIEnvironment, start_response: StartResponse
     ) -> Iterable[bytes]:
+        if not self.service.server_checked:
+            self.status.not_found_hint = self.service.check_server(
+                bool(environ.get("wsgi.multiprocess", False)) or uwsgi_processes() > 1
+            )
         path = environ.get("PATH_INFO", "")
         # The status path itself, or anything under it ("<status_path>/...").
         if path.startswith(self._status_path) and (

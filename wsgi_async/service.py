@@ -84,7 +84,7 @@ class TaskService:
         self.options = options
         self._worker: tuple[int, str] = (0, "")
         self._worker_lock = threading.Lock()
-        self._warned_multiprocess = False
+        self._checked_server = False
         self.pool = WorkerPool(
             options.max_workers, options.max_queued, options.max_pending_bytes
         )
@@ -200,7 +200,6 @@ class TaskService:
             raise Refused(FULL, str(exc), logging.WARNING) from None
         except RegistryError as exc:
             raise Refused(UNAVAILABLE, str(exc), logging.ERROR) from None
-        self._warn_if_private(multiprocess)
         return stored
 
     def fail_unqueued(self, task_id: str, detail: str) -> None:
@@ -211,10 +210,20 @@ class TaskService:
         except RegistryError:
             self.supervisor.retry_later(task_id, lambda: self.registry.fail(task_id, response))
 
-    def _warn_if_private(self, multiprocess: bool) -> None:
-        if multiprocess and not self._warned_multiprocess and not self.registry.capabilities.shared:
-            self._warned_multiprocess = True
-            log.warning("wsgi_async: %s", PRIVATE_REGISTRY)
+    def check_server(self, multiprocess: bool) -> str | None:
+        """Warn once if this server runs several processes on a private registry.
+
+        Returns the warning (for the ``404`` of an unknown task), or ``None``.
+        """
+        self._checked_server = True
+        if not multiprocess or self.registry.capabilities.shared:
+            return None
+        log.warning("wsgi_async: %s", PRIVATE_REGISTRY)
+        return PRIVATE_REGISTRY
+
+    @property
+    def server_checked(self) -> bool:
+        return self._checked_server
 
     def _requeued(self, record: TaskRecord) -> None:
         """Run a task that a lost process held, now handed to this one."""

@@ -38,6 +38,9 @@ class StatusEndpoint:
         self._waiters = threading.BoundedSemaphore(options.max_waiters)
         self._retry_after = ("Retry-After", str(options.retry_after))
         self._id_start = len(options.status_path) + 1
+        # Set when the server runs several processes on a private registry: the
+        # likeliest reason an id is unknown, said in the 404 itself.
+        self.not_found_hint: str | None = None
 
     def __call__(
         self, environ: WSGIEnvironment, start_response: StartResponse, owner: str | None
@@ -113,8 +116,10 @@ class StatusEndpoint:
         return send_empty(start_response, 204)
 
     def _not_found(self, environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
-        return send_error(environ, start_response, 404,
-                          "No such task: the id is unknown, malformed or expired.")
+        detail = "No such task: the id is unknown, malformed or expired."
+        if self.not_found_hint is not None:
+            detail = f"{detail} Likely cause: {self.not_found_hint}"
+        return send_error(environ, start_response, 404, detail)
 
 
 def owns(record: TaskRecord, owner: str | None) -> bool:

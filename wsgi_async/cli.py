@@ -1,4 +1,4 @@
-"""The ``wsgi-async`` command: serve any WSGI app with the middleware, or a demo.
+"""The ``wsgi-async`` command: serve any WSGI app with the middleware, a demo, or call a URL.
 
 Each subcommand is one ``add_*`` function in :data:`SUBCOMMANDS` that builds its
 parser and sets a handler; :func:`main` parses the command line and calls it.
@@ -19,6 +19,7 @@ from typing import Any
 from werkzeug.utils import ImportStringError, import_string
 
 from . import __version__
+from . import call as call_command
 from .demo import demo_app
 from .middleware import AsyncMiddleware
 
@@ -207,7 +208,13 @@ def run_demo(args: argparse.Namespace) -> int:
     return run_server(args, demo_app, {r"^/reports$": ["POST"]}, banner=banner)
 
 
-SUBCOMMANDS: list[Callable[[Any], None]] = [add_serve, add_demo]
+def add_call(commands: Any) -> None:
+    call = commands.add_parser("call", help="call URL and follow its 202 to the final response")
+    call_command.add_arguments(call)
+    call.set_defaults(handler=call_command.run)
+
+
+SUBCOMMANDS: list[Callable[[Any], None]] = [add_serve, add_demo, add_call]
 
 
 def build_parser() -> argparse.ArgumentParser:

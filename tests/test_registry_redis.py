@@ -3,9 +3,11 @@ Redis restart, atomicity under contention, TTL-based expiry and its key layout."
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing
 import os
 import secrets
+import socket
 import statistics
 import subprocess
 import sys
@@ -13,6 +15,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import suppress
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -483,3 +486,122 @@ def _catch(registry: Any, task_id: str) -> BaseException | TaskRecord | None:
         return result
     except BaseException as exc:
         return exc
+
+
+# -- lost replies ----------------------------------------------------------------------
+
+
+class ReplyDropper:
+    """A TCP proxy to Redis that, when armed, cuts a connection instead of passing on
+    the reply to the next ``EVALSHA`` of one script: the script ran, its reply was lost,
+    and redis-py sends the command again on a new connection."""
+
+    def __init__(self, port: int) -> None:
+        self.upstream = port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.armed: bytes | None = None
+        self.dropped = 0
+        self.sockets: list[socket.socket] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def drop_reply_to(self, script: str) -> None:
+        self.armed = hashlib.sha1(script.encode()).hexdigest().encode()
+
+    def close(self) -> None:
+        self.listener.close()
+        with self.lock:
+            for sock in self.sockets:
+                sock.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.upstream))
+            cut = threading.Event()
+            with self.lock:
+                self.sockets += [client, server]
+            threading.Thread(target=self._requests, args=(client, server, cut), daemon=True).start()
+            threading.Thread(target=self._replies, args=(server, client, cut), daemon=True).start()
+
+    def _requests(self, client: socket.socket, server: socket.socket, cut: threading.Event) -> None:
+        with suppress(OSError):
+            while data := client.recv(65536):
+                if self.armed and b"EVALSHA" in data and self.armed in data:
+                    self.armed = None
+                    cut.set()
+                server.sendall(data)
+
+    def _replies(self, server: socket.socket, client: socket.socket, cut: threading.Event) -> None:
+        with suppress(OSError):
+            while data := server.recv(65536):
+                if cut.is_set():  # the reply is lost with the connection
+                    self.dropped += 1
+                    break
+                client.sendall(data)
+        for sock in (client, server):
+            with suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+@pytest.fixture
+def dropper(private_redis: RedisServer) -> Iterator[tuple[Any, ReplyDropper]]:
+    from wsgi_async.registry.redis import RedisRegistry
+
+    proxy = ReplyDropper(private_redis.port)
+    registry = RedisRegistry.from_url(f"redis://127.0.0.1:{proxy.port}/0", prefix="lost:")
+    try:
+        warm = registry.create(new_task())  # loads the scripts: no NOSCRIPT round trips
+        registry.start(warm.id, "w1")
+        registry.finish(warm.id, "w1", TaskStatus.DONE, OK)
+        yield registry, proxy
+    finally:
+        registry.close()
+        proxy.close()
+
+
+def test_a_lost_reply_to_start_still_starts_the_task(dropper: tuple[Any, ReplyDropper]) -> None:
+    from wsgi_async.registry.redis_scripts import PREAMBLE, START
+
+    registry, proxy = dropper
+    task = registry.create(new_task())
+    proxy.drop_reply_to(PREAMBLE + START)
+    started = registry.start(task.id, "w1")  # ran twice: redis-py re-sent it
+    assert proxy.dropped == 1
+    assert started is not None and started.status is TaskStatus.RUNNING
+    assert started.attempts == 1
+    assert registry.start(task.id, "w1") is None  # another start is still refused
+    assert registry.finish(task.id, "w1", TaskStatus.DONE, OK)
+
+
+def test_a_lost_reply_to_finish_still_reports_it_stored(dropper: tuple[Any, ReplyDropper]) -> None:
+    from wsgi_async.registry.redis_scripts import FINISH, PREAMBLE
+
+    registry, proxy = dropper
+    task = registry.create(new_task())
+    registry.start(task.id, "w1")
+    proxy.drop_reply_to(PREAMBLE + FINISH)
+    assert registry.finish(task.id, "w1", TaskStatus.DONE, OK) is True
+    assert proxy.dropped == 1
+    assert registry.get(task.id).response == OK
+    assert registry.finish(task.id, "w1", TaskStatus.DONE, BOOM) is False  # a late one is not
+
+
+def test_a_lost_reply_to_reap_still_hands_the_task_over(dropper: tuple[Any, ReplyDropper]) -> None:
+    from wsgi_async.registry.redis_scripts import PREAMBLE, REAP
+
+    registry, proxy = dropper
+    registry.heartbeat("dead", 0.05)
+    snapshot = RequestSnapshot({"PATH_INFO": "/r"}, b"again")
+    task = registry.create(new_task("dead", replay=True), snapshot)
+    registry.start(task.id, "dead")
+    time.sleep(0.2)
+    proxy.drop_reply_to(PREAMBLE + REAP)
+    requeued = registry.reap("alive")
+    assert proxy.dropped == 1
+    assert [r.id for r in requeued] == [task.id]  # else queued under "alive", never run
+    assert registry.start(task.id, "alive").attempts == 2

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -172,7 +173,7 @@ class RedisRegistry:
 
     def start(self, task_id: str, worker: str) -> TaskRecord | None:
         with self._guard("start a task"):
-            reply = self._start(keys=[self._task(task_id)], args=[self.prefix, worker])
+            reply = self._start(keys=[self._task(task_id)], args=[self.prefix, worker, _token()])
         if reply is None:
             return None
         return lua.decode_json(reply) if isinstance(reply, bytes) else lua.decode(lua.pairs(reply))
@@ -182,7 +183,8 @@ class RedisRegistry:
     ) -> bool:
         require_final(status)
         args: list[str | bytes] = [
-            self.prefix, task_id, worker, status.value, response.headers_json(), response.body
+            self.prefix, task_id, worker, status.value, response.headers_json(), response.body,
+            _token(),
         ]
         with self._guard("finish a task"):
             return bool(self._finish(keys=[self._task(task_id)], args=args))
@@ -256,13 +258,14 @@ class RedisRegistry:
             batches = self._dead(args=[self.prefix, worker, limit])
             if not batches:
                 return []
+            token = _token()
             with self.client.pipeline(transaction=False) as pipe:
                 for dead, ids in batches:
                     for raw in ids:
                         task_id = raw.decode()
                         lost = lost_worker_response(task_id)
                         args: list[str | bytes] = [
-                            self.prefix, raw, dead, worker, lost.headers_json(), lost.body
+                            self.prefix, raw, dead, worker, lost.headers_json(), lost.body, token
                         ]
                         self._reap(keys=[self._task(task_id)], args=args, client=pipe)
                 replies = pipe.execute()
@@ -330,6 +333,11 @@ def _reset_start_lock() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_start_lock)
+
+
+def _token() -> str:
+    """Names one call of a script, so that the same call re-sent is recognised."""
+    return secrets.token_hex(8)
 
 
 def _check_options(prefix: str, max_tasks: int) -> None:

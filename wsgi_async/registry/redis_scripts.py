@@ -89,12 +89,19 @@ if fields['worker'] then redis.call('SADD', P .. 'held:' .. fields['worker'], id
 return {'created'}
 """
 
-# KEYS: task.  ARGV: prefix, worker.
+# A transition that may be re-sent (redis-py sends a command again when the
+# connection drops before its reply) carries a token, kept in the task's 'claim'
+# field: the same call run again answers as it did the first time.
+
+# KEYS: task.  ARGV: prefix, worker, token.
 START = """
-local s = redis.call('HMGET', KEYS[1], 'status', 'worker')
-if s[1] ~= 'queued' or s[2] ~= ARGV[2] then return false end
-redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', stamp(clock()))
-redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+local s = redis.call('HMGET', KEYS[1], 'status', 'worker', 'claim')
+if s[1] ~= 'queued' or s[2] ~= ARGV[2] then
+  if s[1] ~= 'running' or s[2] ~= ARGV[2] or s[3] ~= ARGV[3] then return false end
+else
+  redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', stamp(clock()), 'claim', ARGV[3])
+  redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+end
 -- The text fields as one JSON object: far cheaper for the client to read than a
 -- flat list (the raw body, if any, cannot travel in JSON: then the flat list).
 local flat = redis.call('HGETALL', KEYS[1])
@@ -106,10 +113,16 @@ end
 return cjson.encode(t)
 """
 
-# KEYS: task.  ARGV: prefix, id, worker, status, headers, body.
+# KEYS: task.  ARGV: prefix, id, worker, status, headers, body, token.
 FINISH = """
-local s = redis.call('HMGET', KEYS[1], 'status', 'worker')
-if s[1] ~= 'running' or s[2] ~= ARGV[3] then return 0 end
+local s = redis.call('HMGET', KEYS[1], 'status', 'worker', 'claim')
+if s[1] ~= 'running' or s[2] ~= ARGV[3] then
+  if s[3] == ARGV[7] and s[2] == ARGV[3] and (s[1] == 'done' or s[1] == 'failed') then
+    return 1
+  end
+  return 0
+end
+redis.call('HSET', KEYS[1], 'claim', ARGV[7])
 settle(ARGV[2], ARGV[4], ARGV[5], ARGV[6])
 return 1
 """
@@ -169,9 +182,13 @@ return out
 # Reap, step 2: settle one task of a dead worker, once: whoever removes it from
 # the worker's held set first wins.  Returns the record when requeued, 1 when
 # failed, nil when someone else got there first or the worker came back.
-# KEYS: task.  ARGV: prefix, id, dead worker, reaper, headers, body.
+# KEYS: task.  ARGV: prefix, id, dead worker, reaper, headers, body, token.
 REAP = """
 local id, dead = ARGV[2], ARGV[3]
+local c = redis.call('HMGET', KEYS[1], 'status', 'worker', 'claim')
+if c[1] == 'queued' and c[2] == ARGV[4] and c[3] == ARGV[7] then
+  return redis.call('HGETALL', KEYS[1])  -- run again: it was requeued to us
+end
 local workers = P .. 'workers'
 local lease = redis.call('ZSCORE', workers, dead)
 if not lease or tonumber(lease) > clock() then return false end
@@ -181,7 +198,7 @@ local result = false
 local s = redis.call('HMGET', KEYS[1], 'status', 'worker', 'replay')
 if (s[1] == 'queued' or s[1] == 'running') and s[2] == dead then
   if s[3] == '1' and redis.call('EXISTS', P .. 'request:' .. id) == 1 then
-    redis.call('HSET', KEYS[1], 'status', 'queued', 'worker', ARGV[4])
+    redis.call('HSET', KEYS[1], 'status', 'queued', 'worker', ARGV[4], 'claim', ARGV[7])
     redis.call('HDEL', KEYS[1], 'started_at')
     redis.call('SADD', P .. 'held:' .. ARGV[4], id)
     result = redis.call('HGETALL', KEYS[1])

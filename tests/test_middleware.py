@@ -15,6 +15,7 @@ import pytest
 from webtest import TestApp
 
 from wsgi_async import AsyncMiddleware
+from wsgi_async.registry import MemoryRegistry, TaskRecord
 from wsgi_helpers import Closing, Environ, Gate, client, echo_app, read_body, sleeping, wait_result
 
 
@@ -481,6 +482,8 @@ def test_application_failures_store_a_500(
     assert res.content_type == "application/json"
     assert res.json["id"] == location.rsplit("/", 1)[1]
     assert b"Traceback" not in res.body and b"secret" not in res.body
+    raised = kind in ("raises", "system_exit")
+    assert res.json["reason"] == ("application_error" if raised else "invalid_response")
     assert "secret-token" not in caplog.text  # header values never reach the log
     assert res.headers["Cache-Control"] == "no-store"
     failures = [r for r in caplog.records if r.levelno >= logging.ERROR]
@@ -853,3 +856,319 @@ def test_task_record_copy_is_a_full_shallow_copy() -> None:
                for f in dataclasses.fields(TaskRecord))
     copied.status = TaskStatus.QUEUED
     assert record.status is TaskStatus.DONE
+
+
+# -- behaviours each pinned by a test that fails when they break --------------------------
+
+
+def test_delete_by_another_owner_is_404_and_keeps_the_task(cleanup: list[AsyncMiddleware]) -> None:
+    _, app = make(cleanup, echo_app, owner=lambda environ: environ.get("HTTP_X_USER"))
+    location = app.post("/async", b"mine", headers={"X-User": "alice"}).headers["Location"]
+    app.get(location, headers={"X-User": "alice", "Prefer": "wait=5"}, status=201)
+    res = app.delete(location, headers={"X-User": "mallory"}, status=404)
+    assert res.headers["Cache-Control"] == "no-store"
+    app.delete(location, status=404)  # no owner at all
+    assert app.get(location, headers={"X-User": "alice"}, status=201).body == b"echo:mine"
+    app.delete(location, headers={"X-User": "alice"}, status=204)
+    app.get(location, headers={"X-User": "alice"}, status=404)
+
+
+@pytest.mark.parametrize("where", ["option", "route"])
+def test_result_ttl_reaches_the_registry(cleanup: list[AsyncMiddleware], where: str) -> None:
+    if where == "option":
+        _, app = make(cleanup, echo_app, result_ttl=0.5)
+    else:
+        _, app = make(cleanup, echo_app, routes={"^/async": {"result_ttl": 0.5}})
+    location = app.post("/async", b"short-lived").headers["Location"]
+    wait_result(app, location, status=201)
+    assert app.get(location, status=201).body == b"echo:short-lived"  # within its TTL
+    time.sleep(0.7)
+    app.get(location, status=404)  # expired: read alone, no other request drops it
+
+
+def test_idempotency_keys_are_scoped_to_the_owner(cleanup: list[AsyncMiddleware]) -> None:
+    calls: list[str] = []
+
+    def app(environ: Environ, start_response: Any) -> Iterable[bytes]:
+        calls.append(environ["HTTP_X_USER"])
+        return echo_app(environ, start_response)
+
+    _, test_app = make(cleanup, app, owner=lambda environ: environ.get("HTTP_X_USER"))
+    key = {"Idempotency-Key": "same-key"}
+    alice = test_app.post("/async", b"pay", headers={**key, "X-User": "alice"}, status=202)
+    bob = test_app.post("/async", b"pay", headers={**key, "X-User": "bob"}, status=202)
+    assert alice.headers["Location"] != bob.headers["Location"]
+    for user, res in (("alice", alice), ("bob", bob)):
+        test_app.get(res.headers["Location"], headers={"X-User": user, "Prefer": "wait=5"},
+                     status=201)
+    again = test_app.post("/async", b"pay", headers={**key, "X-User": "bob"}, status=202)
+    assert again.headers["Location"] == bob.headers["Location"]  # Bob's own retry
+    assert sorted(calls) == ["alice", "bob"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("PUT", "/async/a?x=1"), ("POST", "/async/b?x=1"), ("POST", "/async/a?x=2"),
+     ("POST", "/async/a"), ("POST", "/async/a?x=1&y")],
+)
+def test_the_fingerprint_covers_method_path_and_query(
+    cleanup: list[AsyncMiddleware], method: str, path: str
+) -> None:
+    gate = Gate()
+    _, app = make(cleanup, gate)
+    try:
+        key = {"Idempotency-Key": "k-1"}
+        first = app.post("/async/a?x=1", b"same", headers=key, status=202)
+        res = app.request(path, method=method, body=b"same", headers=key, status=422)
+        assert "Idempotency-Key" in res.json["detail"]
+        assert res.headers["Cache-Control"] == "no-store"
+        again = app.post("/async/a?x=1", b"same", headers=key, status=202)
+        assert again.headers["Location"] == first.headers["Location"]
+    finally:
+        gate.opened.set()
+    wait_result(app, first.headers["Location"], status=200)
+    assert gate.calls == 1
+
+
+def raw_headers(
+    middleware: AsyncMiddleware, environ: Environ
+) -> tuple[str, dict[str, str], bytes]:
+    """Call the middleware directly (for what webtest cannot send) and keep the headers."""
+    seen: list[tuple[str, list[tuple[str, str]]]] = []
+    base = {"REQUEST_METHOD": "POST", "PATH_INFO": "/async", "SERVER_NAME": "x",
+            "SERVER_PORT": "80", "wsgi.url_scheme": "http", "wsgi.errors": io.StringIO()}
+    base.update(environ)
+    result = middleware(base, lambda s, h, e=None: seen.append((s, h)))  # type: ignore[arg-type,misc]
+    body = b"".join(result)
+    status, headers = seen[0]
+    return status, dict(headers), body
+
+
+def test_every_response_the_middleware_makes_is_no_store(cleanup: list[AsyncMiddleware]) -> None:
+    gate = Gate()
+    middleware, app = make(cleanup, gate, max_workers=1, max_queued=1, max_body_size=10,
+                           max_pending_bytes=10)
+    answers: dict[int, Any] = {}
+    try:
+        pending = app.post("/async", b"", headers={"Idempotency-Key": "k"}, status=202)
+        answers[202] = pending
+        location = pending.headers["Location"]
+        answers[409] = app.delete(location, status=409)
+        answers[405] = app.put(location, status=405)
+        answers[404] = app.get("/_async/tasks/" + "A" * 32, status=404)
+        answers[413] = app.post("/async", b"x" * 11, status=413)
+        answers[400] = app.post("/async", b"", headers={"Idempotency-Key": "a b"}, status=400)
+        answers[422] = app.post("/async", b"other", headers={"Idempotency-Key": "k"}, status=422)
+        app.post("/async", b"", status=202)  # the queue's one place
+        answers[503] = app.post("/async", b"", status=503)
+        status, headers, _ = raw_headers(
+            middleware, {"wsgi.input": io.BytesIO(b"?"), "HTTP_TRANSFER_ENCODING": "chunked"})
+        assert status.startswith("411") and headers["Cache-Control"] == "no-store"
+        status, headers, _ = raw_headers(
+            middleware, {"CONTENT_LENGTH": "x", "wsgi.input": io.BytesIO()})
+        assert status.startswith("400") and headers["Cache-Control"] == "no-store"
+    finally:
+        gate.opened.set()
+    wait_result(app, location, status=200)
+    answers[204] = app.delete(location, status=204)
+    for code, res in answers.items():
+        assert res.status_int == code
+        assert res.headers.get("Cache-Control") == "no-store", code
+
+
+def test_task_ids_carry_192_random_bits(cleanup: list[AsyncMiddleware]) -> None:
+    import base64
+    import re
+
+    _, app = make(cleanup, echo_app)
+    ids = {app.post("/async", b"").json["id"] for _ in range(20)}
+    assert len(ids) == 20
+    for task_id in ids:
+        assert re.fullmatch(r"[A-Za-z0-9_-]{32}", task_id), task_id
+        assert len(base64.urlsafe_b64decode(task_id)) == 24  # 192 bits
+
+
+class SignallingRegistry(MemoryRegistry):
+    """A memory registry that says when a long-poll has begun to wait in it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting = threading.Semaphore(0)
+
+    def wait(self, task_id: str, timeout: float) -> TaskRecord | None:
+        self.waiting.release()
+        return super().wait(task_id, timeout)
+
+
+@pytest.mark.parametrize("second", ["poll", "submit"])
+def test_max_waiters_bounds_the_long_polls_held_at_once(
+    cleanup: list[AsyncMiddleware], second: str
+) -> None:
+    gate = Gate()
+    registry = SignallingRegistry()
+    _, app = make(cleanup, gate, registry=registry, max_waiters=1)
+    location = app.post("/async", b"").headers["Location"]
+    held: list[int] = []
+    poller = threading.Thread(
+        target=lambda: held.append(app.get(location, headers={"Prefer": "wait=10"}).status_int))
+    poller.start()
+    try:
+        assert registry.waiting.acquire(timeout=5)  # the one waiter allowed is held
+        began = time.monotonic()
+        if second == "poll":
+            res = app.get(location, headers={"Prefer": "wait=5"}, status=202)
+        else:
+            res = app.post("/async", b"", headers={"Prefer": "respond-async, wait=5"},
+                           status=202)
+        assert time.monotonic() - began < 2  # answered at once, not held
+        assert res.json["status"] in ("queued", "running")
+    finally:
+        gate.opened.set()
+        poller.join(10)
+    assert held == [200]
+
+
+def test_max_result_size_is_exact(cleanup: list[AsyncMiddleware]) -> None:
+    def app(environ: Environ, start_response: Any) -> Iterator[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        size = int(environ["QUERY_STRING"])
+        yield b"a" * (size - 1)
+        yield b"b"
+
+    _, test_app = make(cleanup, app, max_result_size=100)
+    exact = wait_result(test_app, test_app.post("/async?100").headers["Location"], status=200)
+    assert exact.body == b"a" * 99 + b"b"
+    over = wait_result(test_app, test_app.post("/async?101").headers["Location"], status=500)
+    assert over.json["reason"] == "result_too_large"
+
+
+@pytest.mark.parametrize("char", [chr(c) for c in [*range(0x00, 0x09), *range(0x0A, 0x20), 0x7F]])
+def test_every_control_character_in_a_header_value_is_refused(char: str) -> None:
+    from wsgi_async.capture import validate_headers
+    from wsgi_async.errors import ResponseError
+
+    with pytest.raises(ResponseError, match="X-Value"):
+        validate_headers([("X-Value", f"a{char}b")])
+    assert validate_headers([("X-Value", "a\tb caf\u00e9")]) == [("X-Value", "a\tb caf\u00e9")]
+
+
+@pytest.mark.parametrize(
+    ("status", "header"),
+    [("200 OK", ("X-Del", "a\x7fb")), ("100 Continue", ("X-A", "1")),
+     ("199 Early", ("X-A", "1")), ("200 O\x7fK", ("X-A", "1")), ("600 Nope", ("X-A", "1"))],
+)
+def test_invalid_responses_store_a_500_with_reason_invalid_response(
+    cleanup: list[AsyncMiddleware], status: str, header: tuple[str, str]
+) -> None:
+    def app(environ: Environ, start_response: Any) -> Iterable[bytes]:
+        start_response(status, [header])
+        return [b"x"]
+
+    _, test_app = make(cleanup, app, validate_inner=False)
+    res = wait_result(test_app, test_app.post("/async").headers["Location"], status=500)
+    assert res.json["reason"] == "invalid_response"
+    assert res.json["detail"] == "The application produced an invalid response."
+
+
+def test_the_lowest_final_status_is_accepted(cleanup: list[AsyncMiddleware]) -> None:
+    def app(environ: Environ, start_response: Any) -> Iterable[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+    _, test_app = make(cleanup, app, validate_inner=False)
+    assert wait_result(test_app, test_app.post("/async").headers["Location"]).body == b"ok"
+
+
+def test_non_string_environ_entries_are_not_carried(cleanup: list[AsyncMiddleware]) -> None:
+    seen: dict[str, Any] = {}
+
+    def app(environ: Environ, start_response: Any) -> Iterable[bytes]:
+        seen.update(environ)
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+    _, test_app = make(cleanup, app)
+    extra = {"myapp.user": object(), "myapp.count": 3, "myapp.flag": True, "myapp.name": "kept"}
+    location = test_app.post("/async", b"", extra_environ=extra).headers["Location"]
+    wait_result(test_app, location, status=200)
+    assert seen["myapp.name"] == "kept"
+    assert not {"myapp.user", "myapp.count", "myapp.flag"} & set(seen)
+
+
+HOP_BY_HOP = ["Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE",
+              "Trailer", "Transfer-Encoding", "Upgrade"]
+
+
+@pytest.mark.parametrize("name", HOP_BY_HOP)
+def test_every_hop_by_hop_header_is_dropped(cleanup: list[AsyncMiddleware], name: str) -> None:
+    def app(environ: Environ, start_response: Any) -> Iterable[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain"), (name, "x"), ("X-Kept", "1")])
+        return [b"12345"]
+
+    _, test_app = make(cleanup, app, validate_inner=False)
+    res = wait_result(test_app, test_app.post("/async").headers["Location"], status=200)
+    assert name.lower() not in [key.lower() for key, _ in res.headerlist]
+    assert res.headers["X-Kept"] == "1" and res.headers["Content-Length"] == "5"
+    assert res.body == b"12345"
+
+
+def test_a_timed_out_generator_is_stopped_at_its_next_chunk(
+    cleanup: list[AsyncMiddleware],
+) -> None:
+    produced: list[int] = []
+    stopped = threading.Event()
+
+    def app(environ: Environ, start_response: Any) -> Iterator[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        try:
+            for index in range(40):
+                produced.append(index)
+                time.sleep(0.05)
+                yield b"x"
+        finally:
+            stopped.set()
+
+    _, test_app = make(cleanup, app, routes={"^/async": {"timeout": 0.3}})
+    wait_result(test_app, test_app.post("/async").headers["Location"], status=504)
+    assert stopped.wait(5)
+    # About 0.3 / 0.05 = 6 chunks before the deadline, then one more at most.
+    assert len(produced) <= 10, len(produced)
+
+
+def test_head_answers_headers_without_a_body(cleanup: list[AsyncMiddleware]) -> None:
+    gate = Gate()
+    _, app = make(cleanup, gate, routes={"^/async": ["POST", "HEAD"]})
+    try:
+        submitted = app.head("/async", status=202)  # a routed HEAD is a submit too
+        assert submitted.body == b"" and int(submitted.headers["Content-Length"]) > 0
+        location = submitted.headers["Location"]
+        pending = app.head(location, status=202)
+        assert pending.body == b"" and pending.headers["Location"] == location
+        assert int(pending.headers["Content-Length"]) == len(app.get(location).body)
+        missing = app.head("/_async/tasks/" + "A" * 32, status=404)
+        assert missing.body == b"" and int(missing.headers["Content-Length"]) > 0
+    finally:
+        gate.opened.set()
+    wait_result(app, location, status=200)
+    done = app.head(location, status=200)
+    assert done.body == b"" and done.headers["Content-Length"] == str(len(b"gate passed"))
+
+
+def test_a_result_replaced_by_a_507_is_logged_as_such(
+    cleanup: list[AsyncMiddleware], caplog: pytest.LogCaptureFixture
+) -> None:
+    _, app = make(
+        cleanup, echo_app, max_stored_bytes=3000, max_body_size=2000, max_pending_bytes=3000
+    )
+    with caplog.at_level(logging.INFO, logger="wsgi_async"):
+        wait_result(app, app.post("/async", b"a" * 2000).headers["Location"], status=201)
+        second = app.post("/async", b"b" * 2000).json["id"]
+        assert wait_result(app, f"/_async/tasks/{second}", status=507)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            lines = [r.getMessage() for r in caplog.records if "outcome=" in r.getMessage()]
+            if any(second in line for line in lines):
+                break
+            time.sleep(0.01)
+    line = next(line for line in lines if second in line)
+    assert "outcome=failed status=507" in line, line

@@ -64,6 +64,8 @@ class TaskRunner:
         )
         status, response = self._drive(task_id, record.route, environ, deadline)
         stored = self._store(task_id, worker, status, response)
+        if isinstance(stored, StoredResponse):  # the registry stored this failure instead
+            status, response, stored = TaskStatus.FAILED, stored, True
         if stored is None:
             self.supervisor.retry_later(
                 task_id, lambda: self.registry.finish(task_id, worker, status, response)
@@ -132,14 +134,14 @@ class TaskRunner:
 
     def _store(
         self, task_id: str, worker: str, status: TaskStatus, response: StoredResponse
-    ) -> bool | None:
+    ) -> bool | StoredResponse | None:
         """Store the outcome, retrying while the registry is unavailable.
 
         ``False`` means a late result (the task had ended); ``None``, that the
-        registry did not answer.
+        registry did not answer; a response, what the registry stored instead.
         """
 
-        def finish(retried: bool) -> bool:
+        def finish(retried: bool) -> bool | StoredResponse:
             stored = self.registry.finish(task_id, worker, status, response)
             if not stored and retried:
                 # The previous try may have stored it before its reply was lost.

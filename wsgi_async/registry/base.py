@@ -76,11 +76,14 @@ class Registry(Protocol):
 
     def finish(
         self, task_id: str, worker: str, status: TaskStatus, response: StoredResponse
-    ) -> bool:
+    ) -> bool | StoredResponse:
         """Store the final state of a task that ``worker`` is running.
 
         Returns ``False`` (and changes nothing) when the task is no longer
         running under ``worker``: a late result after a timeout or a reap.
+        A registry that stores a failure in the response's place (the memory
+        registry's 507 for a result that does not fit) returns that failure,
+        so that the caller logs what was really stored.
         """
         ...
 

@@ -108,14 +108,14 @@ class MemoryRegistry:
 
     def finish(
         self, task_id: str, worker: str, status: TaskStatus, response: StoredResponse
-    ) -> bool:
+    ) -> bool | StoredResponse:
         require_final(status)
         with self._lock:
             record = self._tasks.get(task_id)
             if record is None or record.status is not TaskStatus.RUNNING or record.worker != worker:
                 return False
-            self._settle_locked(record, status, response)
-            return True
+            stored = self._settle_locked(record, status, response)
+            return True if stored is response else stored
 
     def fail(self, task_id: str, response: StoredResponse) -> bool:
         with self._lock:
@@ -228,7 +228,8 @@ class MemoryRegistry:
 
     def _settle_locked(
         self, record: TaskRecord, status: TaskStatus, response: StoredResponse
-    ) -> None:
+    ) -> StoredResponse:
+        """Settle ``record``; return what was stored (a 507 when the result does not fit)."""
         if self._bytes + len(response.body) > self.max_bytes:
             self._expire_locked(time.time(), len(self._expiry))
         if self._bytes + len(response.body) > self.max_bytes:
@@ -251,6 +252,7 @@ class MemoryRegistry:
         waiting = self._waiting.get(record.id)
         if waiting is not None:
             waiting.condition.notify_all()
+        return response
 
     def _drop_locked(self, task_id: str) -> bool:
         record = self._tasks.pop(task_id, None)

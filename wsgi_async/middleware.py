@@ -160,7 +160,9 @@ class AsyncMiddleware:
             self.service.ensure_started()
             return self.status(environ, start_response, self._owner(environ))
         route = self.options.route_for(path, environ.get("REQUEST_METHOD", "GET"))
-        if route is None:
+        # A task's own request (this middleware reached again, or another one stacked
+        # below it) runs the application: submitting it again would store a 202 as its result.
+        if route is None or "wsgi_async.task" in environ:
             return self.app(environ, start_response)
         return self._submit(environ, start_response, route)
 

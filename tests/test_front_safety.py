@@ -1,0 +1,105 @@
+"""What a hostile client, a confused proxy or a sloppy application cannot do through the front.
+
+Idempotency keys never cross callers, a ``Location`` never leaves the host, the log
+cannot be forged and never holds a header value, replays are safe for intermediaries,
+pending requests are counted with their headers, and stacked middleware runs a task
+once.  Through webtest, with wsgiref.validate on both sides unless a test says why not.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable, Iterator
+from typing import Any
+from wsgiref.validate import validator
+
+import pytest
+from webtest import TestApp
+
+from wsgi_async import AsyncMiddleware
+from wsgi_helpers import Environ, client, read_body, wait_result
+
+
+@pytest.fixture
+def cleanup() -> Iterator[list[AsyncMiddleware]]:
+    made: list[AsyncMiddleware] = []
+    yield made
+    for middleware in made:
+        middleware.shutdown(wait=True, timeout=5)
+
+
+def make(
+    cleanup: list[AsyncMiddleware], app: Any, **options: Any
+) -> tuple[AsyncMiddleware, TestApp]:
+    middleware, test_app = client(app, **options)
+    cleanup.append(middleware)
+    return middleware, test_app
+
+
+def raw_call(app: Any, environ: Environ) -> tuple[str, list[tuple[str, str]], bytes]:
+    """Call ``app`` with a minimal environ (for values webtest would correct)."""
+    answer: list[Any] = []
+    base: Environ = {
+        "REQUEST_METHOD": "POST", "PATH_INFO": "/async", "SCRIPT_NAME": "", "QUERY_STRING": "",
+        "SERVER_NAME": "localhost", "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1",
+        "wsgi.version": (1, 0), "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO(b""),
+        "wsgi.errors": io.StringIO(), "wsgi.multithread": True, "wsgi.multiprocess": False,
+        "wsgi.run_once": False,
+    }
+    base.update(environ)
+
+    def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        answer[:] = [status, headers]
+        return lambda data: None
+
+    result = app(base, start_response)
+    try:
+        body = b"".join(result)
+    finally:
+        close = getattr(result, "close", None)
+        if close is not None:
+            close()
+    return answer[0], answer[1], body
+
+
+def counting(calls: list[bytes]) -> Any:
+    def app(environ: Environ, start_response: Any) -> Iterable[bytes]:
+        body = read_body(environ)
+        calls.append(body)
+        start_response("201 Created", [("Content-Type", "application/octet-stream")])
+        return [b"echo:", body]
+
+    return app
+
+
+# -- 13. Stacked middleware runs a task once ---------------------------------------------------
+
+
+def test_a_second_middleware_below_passes_a_task_through(cleanup: list[AsyncMiddleware]) -> None:
+    calls: list[bytes] = []
+    inner = AsyncMiddleware(validator(counting(calls)), routes=[r"^/async"])
+    cleanup.append(inner)
+    _, app = make(cleanup, inner)
+    res = wait_result(app, app.post("/async", b"once").headers["Location"], status=201)
+    assert res.body == b"echo:once" and calls == [b"once"]
+    assert len(inner.registry) == 0  # type: ignore[arg-type]
+
+
+def test_the_same_middleware_reached_again_passes_a_task_through(
+    cleanup: list[AsyncMiddleware],
+) -> None:
+    calls: list[bytes] = []
+    holder: list[Any] = []
+
+    def dispatch(environ: Environ, start_response: Any) -> Iterable[bytes]:
+        # An app that forwards the request internally, through the whole stack again.
+        if "test.forwarded" not in environ:
+            environ["test.forwarded"] = True
+            return holder[0](environ, start_response)  # type: ignore[no-any-return]
+        return counting(calls)(environ, start_response)
+
+    middleware, app = make(cleanup, dispatch)
+    holder.append(middleware)
+    res = wait_result(app, app.post("/async", b"again").headers["Location"], status=201)
+    assert res.body == b"echo:again" and calls == [b"again"]
+    assert len(middleware.registry) == 1  # type: ignore[arg-type]

@@ -9,6 +9,8 @@ once.  Through webtest, with wsgiref.validate on both sides unless a test says w
 from __future__ import annotations
 
 import io
+import json
+import logging
 from collections.abc import Iterable, Iterator
 from typing import Any
 from wsgiref.validate import validator
@@ -17,7 +19,7 @@ import pytest
 from webtest import TestApp
 
 from wsgi_async import AsyncMiddleware
-from wsgi_helpers import Environ, client, read_body, wait_result
+from wsgi_helpers import Environ, client, echo_app, read_body, wait_result
 
 
 @pytest.fixture
@@ -70,6 +72,46 @@ def counting(calls: list[bytes]) -> Any:
         return [b"echo:", body]
 
     return app
+
+
+# -- 9. The log cannot be forged -----------------------------------------------------------------
+
+
+FORGED = "/async\nWARNING:wsgi_async: task forged accepted\r\x1b[2J\u2028\x85end"
+
+
+@pytest.mark.parametrize(
+    ("environ", "code"),
+    [
+        ({"CONTENT_LENGTH": "abc"}, 400),
+        ({"CONTENT_LENGTH": "10", "wsgi.input": io.BytesIO(b"abc")}, 400),
+        ({"HTTP_TRANSFER_ENCODING": "chunked"}, 411),
+        ({"CONTENT_LENGTH": "5000"}, 413),
+    ],
+)
+def test_refusal_log_lines_cannot_be_forged(
+    cleanup: list[AsyncMiddleware], caplog: pytest.LogCaptureFixture, environ: Environ, code: int
+) -> None:
+    middleware, _ = make(cleanup, echo_app, max_body_size=1024)
+    with caplog.at_level(logging.INFO, logger="wsgi_async"):
+        status, _, body = raw_call(middleware, {"PATH_INFO": FORGED,
+                                                "REQUEST_METHOD": "POST\nX", **environ})
+    assert status.startswith(str(code)) and json.loads(body)["error"]
+    messages = [record.getMessage() for record in caplog.records]
+    assert messages
+    for message in messages:
+        assert not any(char in message for char in "\n\r\x1b\u2028\x85"), message
+    assert any("/async\\nWARNING" in message for message in messages)
+
+
+def test_a_percent_encoded_newline_through_webtest(
+    cleanup: list[AsyncMiddleware], caplog: pytest.LogCaptureFixture
+) -> None:
+    _, app = make(cleanup, echo_app, max_body_size=10)
+    with caplog.at_level(logging.INFO, logger="wsgi_async"):
+        app.post("/async%0AERROR%3Afake", b"x" * 11, status=413)
+    assert caplog.records
+    assert all("\n" not in record.getMessage() for record in caplog.records)
 
 
 # -- 13. Stacked middleware runs a task once ---------------------------------------------------

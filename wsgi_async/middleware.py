@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from .config import DEFAULTS, Executor, Options, OwnerFunc, Route, RouteSpec, build_options
 from .executor import WorkerPool, check_uwsgi_threads, uwsgi_processes
 from .idempotency import parse_idempotency_key, scoped_key
+from .logsafe import printable
 from .model import TaskRecord
 from .prefer import Preferences, parse_prefer
 from .registry import Registry, open_registry
@@ -173,8 +174,8 @@ class AsyncMiddleware:
             body = read_body(environ, self.options.max_body_size)
             key = parse_idempotency_key(environ)
         except BodyError as exc:
-            log.warning("wsgi_async: refused %s %s: %s", environ.get("REQUEST_METHOD"),
-                        environ.get("PATH_INFO"), exc.detail)
+            log.warning("wsgi_async: refused %s %s: %s", printable(environ.get("REQUEST_METHOD")),
+                        printable(environ.get("PATH_INFO")), printable(exc.detail))
             return send_error(environ, start_response, exc.code, exc.detail)
         except ValueError as exc:
             return send_error(environ, start_response, 400, str(exc))

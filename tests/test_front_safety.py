@@ -114,6 +114,53 @@ def test_a_percent_encoded_newline_through_webtest(
     assert all("\n" not in record.getMessage() for record in caplog.records)
 
 
+# -- 10. Header values never reach the log ----------------------------------------------------
+
+SECRET = "session=s3cr3t-v4lue"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [["Set-Cookie", SECRET]],  # a list, not a tuple
+        [("Set-Cookie", SECRET, "extra")],
+        [("Set-Cookie",)],
+        [("Set-Cookie", SECRET.encode())],
+        [(b"Set-Cookie", SECRET)],
+        [("Set-Cookie", SECRET + "\r\nX: 1")],
+        [("Set-Cookie", SECRET + "\u2603")],
+        ("Set-Cookie", SECRET),
+    ],
+)
+def test_an_invalid_header_is_named_and_its_value_never_logged(
+    cleanup: list[AsyncMiddleware], caplog: pytest.LogCaptureFixture, headers: Any
+) -> None:
+    def app(environ: Environ, start_response: Any) -> Iterable[bytes]:
+        start_response("200 OK", headers)
+        return [b"x"]
+
+    _, test_app = make(cleanup, app, validate_inner=False)
+    with caplog.at_level(logging.INFO, logger="wsgi_async"):
+        res = wait_result(test_app, test_app.post("/async").headers["Location"], status=500)
+    assert res.json["reason"] == "invalid_response"
+    assert "s3cr3t" not in caplog.text
+    if isinstance(headers, list) and isinstance(headers[0][0], str):
+        assert "Set-Cookie" in caplog.text
+
+
+def test_a_status_line_carrying_a_header_is_not_logged(
+    cleanup: list[AsyncMiddleware], caplog: pytest.LogCaptureFixture
+) -> None:
+    def app(environ: Environ, start_response: Any) -> Iterable[bytes]:
+        start_response(f"200 OK\r\nSet-Cookie: {SECRET}", [])
+        return [b"x"]
+
+    _, test_app = make(cleanup, app, validate_inner=False)
+    with caplog.at_level(logging.INFO, logger="wsgi_async"):
+        wait_result(test_app, test_app.post("/async").headers["Location"], status=500)
+    assert "s3cr3t" not in caplog.text and "status line" in caplog.text
+
+
 # -- 13. Stacked middleware runs a task once ---------------------------------------------------
 
 

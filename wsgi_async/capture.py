@@ -31,15 +31,17 @@ _DROPPED = frozenset(
 
 def validate_status(status: object) -> str:
     """Return ``status`` if it is a PEP 3333 status line, else raise."""
+    # Messages give the code at most: a broken status line may carry a header and its value.
     if not isinstance(status, str) or not _STATUS.fullmatch(status):
-        raise ResponseError(f"invalid status line {status!r}")
+        raise ResponseError(f"invalid status line ({_described(status)}; "
+                            "expected a str like '200 OK' without control characters)")
     if not status.isascii():
         try:
             status.encode("latin-1")
         except UnicodeEncodeError:
-            raise ResponseError(f"status line {status!r} is not latin-1") from None
+            raise ResponseError(f"status line {status[:3]} ... is not latin-1") from None
     if int(status[:3]) < 200:
-        raise ResponseError(f"informational status {status!r} cannot be a final response")
+        raise ResponseError(f"informational status {status[:3]} cannot be a final response")
     return status
 
 
@@ -48,11 +50,12 @@ def validate_headers(headers: object) -> list[tuple[str, str]]:
     if not isinstance(headers, list):
         raise ResponseError(f"headers must be a list, got {type(headers).__name__}")
     checked = []
-    for header in headers:
+    # Messages name the header, never its value: values may hold secrets.
+    for index, header in enumerate(headers):
         if not (isinstance(header, tuple) and len(header) == 2):
-            raise ResponseError(f"header {header!r} is not a (name, value) tuple")
+            raise ResponseError(f"header {_header_name(header, index)} is not a (name, value) "
+                                f"tuple ({_described(header)})")
         name, value = header
-        # Messages name the header, never its value: values may hold secrets.
         if not isinstance(name, str) or not _TOKEN.fullmatch(name):
             raise ResponseError("invalid header name (not an HTTP token)")
         if not isinstance(value, str) or _BAD_VALUE.search(value):
@@ -64,6 +67,21 @@ def validate_headers(headers: object) -> list[tuple[str, str]]:
                 raise ResponseError(f"value of header {name!r} is not latin-1") from None
         checked.append((name, value))
     return checked
+
+
+def _header_name(header: object, index: int) -> str:
+    """A header's name if it has one that is a token, else its position: never its value."""
+    if isinstance(header, (tuple, list)) and header and isinstance(header[0], str) \
+            and _TOKEN.fullmatch(header[0]):
+        return repr(header[0])
+    return f"#{index + 1}"
+
+
+def _described(value: object) -> str:
+    """What ``value`` is, without what it holds."""
+    if isinstance(value, (str, bytes, tuple, list)):
+        return f"a {type(value).__name__} of length {len(value)}"
+    return f"a {type(value).__name__}"
 
 
 def finalise_headers(

@@ -107,7 +107,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="wsgi-async-dist-") as tmp:
         work = Path(tmp)
         dist = work / "dist"
-        run(sys.executable, "-m", "build", "--no-isolation", "--outdir", dist, ROOT)
+        run(sys.executable, "-m", "build", "--outdir", dist, ROOT)
         (wheel,) = dist.glob("*.whl")
         (sdist,) = dist.glob("*.tar.gz")
         version = wheel.name.split("-")[1]

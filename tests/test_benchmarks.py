@@ -21,14 +21,16 @@ LOCAL = ["bare", "passthrough", "wsgi_async memory", "recipe"]
 
 
 def gunicorn_pids() -> set[int]:
+    """The benchmark servers started from this checkout (another checkout's runs are theirs)."""
     found = set()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 cmdline = (entry / "cmdline").read_bytes()
+                cwd = os.readlink(entry / "cwd")
             except OSError:
                 continue
-            if b"benchmarks.apps:make_app()" in cmdline:
+            if b"benchmarks.apps:make_app()" in cmdline and cwd == str(ROOT):
                 found.add(int(entry.name))
     return found
 

@@ -4,7 +4,8 @@ One :class:`TaskService` owns the registry, the executor (the bounded pool of
 this process), the runner that drives the application for one task, and the
 supervisor that keeps leases, timeouts and expiry.  The WSGI front
 (:class:`~wsgi_async.middleware.AsyncMiddleware`) hands it requests; a worker
-process would hand it tasks claimed from a queue: both share this object.
+process (:mod:`wsgi_async.worker`) hands it tasks claimed from the registry's
+queue: both share this object.
 """
 
 from __future__ import annotations
@@ -138,8 +139,11 @@ class TaskService:
         cannot be accepted now; then nothing is stored and nothing queued.
         """
         record = self.new_record(route, request, owner)
-        if self.options.executor_of(route) == "inline":
+        executor = self.options.executor_of(route)
+        if executor == "inline":
             stored = self._run_inline(record, request, key, multiprocess)
+        elif executor == "workers":
+            stored = self._create(record, request, key, multiprocess, queue=True)
         else:
             stored = self._enqueue(record, request, key, multiprocess)
         if stored.id == record.id:
@@ -190,12 +194,24 @@ class TaskService:
             return stored
 
     def _create(
-        self, record: TaskRecord, request: RequestSnapshot, key: str | None, multiprocess: bool
+        self, record: TaskRecord, request: RequestSnapshot, key: str | None, multiprocess: bool,
+        queue: bool = False,
     ) -> TaskRecord:
-        """Store ``record`` (and its request when it may be replayed), or refuse."""
+        """Store ``record`` (and its request when it may be replayed), or refuse.
+
+        With ``queue``, the task and its request go on the registry's queue for
+        worker processes (bounded by ``max_queued`` across all of them); this
+        process never runs it.
+        """
         try:
             self.supervisor.ensure_started()
-            stored = self.registry.create(record, request if record.replay else None, key)
+            if queue:
+                stored = self.registry.enqueue(record, request, key,
+                                               max_queued=self.options.max_queued)
+            else:
+                stored = self.registry.create(record, request if record.replay else None, key)
+        except QueueFull as exc:
+            raise Refused(BUSY, str(exc), logging.WARNING) from None
         except RegistryFull as exc:
             raise Refused(FULL, str(exc), logging.WARNING) from None
         except RegistryError as exc:

@@ -8,10 +8,11 @@ do through :class:`Capabilities` rather than by its type.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Protocol, runtime_checkable
 
+from ..errors import QueueFull as QueueFull
 from ..errors import RegistryError as RegistryError
 from ..errors import RegistryFull as RegistryFull
 from ..errors import RegistryUnavailable as RegistryUnavailable
@@ -39,8 +40,61 @@ class Capabilities:
     blocking_wait: bool
 
 
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A task a worker took from the queue: its record (held by the worker) and request."""
+
+    record: TaskRecord
+    request: RequestSnapshot
+
+
+class TaskQueue(Protocol):
+    """The queue that hands tasks to separate worker processes.
+
+    Only backends whose ``capabilities.queue`` is true implement it; the others
+    raise :class:`RegistryError`.  A queued task has no holder until a worker
+    claims it; the claim makes the worker its holder (still ``queued``: the
+    runner then starts it as for any task), under the worker's lease.  A task
+    whose worker's lease lapses goes back on the queue when it never started
+    or may be replayed, else it fails with the stored ``worker_lost`` 500
+    (:meth:`Registry.reap`).  The queue entry is acknowledged only when the
+    task's final state is stored, in the same atomic write.
+    """
+
+    def enqueue(
+        self,
+        record: TaskRecord,
+        request: RequestSnapshot,
+        idempotency_key: str | None = None,
+        *,
+        max_queued: int,
+    ) -> TaskRecord:
+        """Store a new task with its request and put it on the queue of its route.
+
+        Like :meth:`Registry.create`, but ``record.worker`` is ignored (no one
+        holds it yet).  Raises :class:`~wsgi_async.errors.QueueFull`, storing
+        nothing, when ``max_queued`` tasks already wait for a worker.
+        """
+        ...
+
+    def claim(
+        self, worker: str, routes: Sequence[str], limit: int, wait: float, lease: float
+    ) -> list[Claimed]:
+        """Take up to ``limit`` queued tasks of ``routes`` for ``worker``.
+
+        Blocks up to ``wait`` seconds while there is none.  ``lease`` is how
+        long a claim may go unacknowledged before another worker may take it
+        over (the workers' ``lease_time``).
+        """
+        ...
+
+    def queued(self) -> int:
+        """How many tasks wait on the queue for a worker (an O(1) counter)."""
+        ...
+
+
 @runtime_checkable
-class Registry(Protocol):
+class Registry(TaskQueue, Protocol):
     """Where tasks live.  Every method is thread-safe.
 
     Transitions are conditional so that a late or duplicate writer can never

@@ -12,11 +12,13 @@ from __future__ import annotations
 import heapq
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 from .base import (
     Capabilities,
+    Claimed,
+    RegistryError,
     RegistryFull,
     RequestSnapshot,
     StoredResponse,
@@ -26,6 +28,8 @@ from .base import (
     lost_worker_response,
     require_final,
 )
+
+NO_QUEUE = "the memory:// registry has no queue: worker processes cannot see its tasks"
 
 
 class MemoryRegistry:
@@ -55,6 +59,26 @@ class MemoryRegistry:
         self._finished = 0  # finished tasks held: the heap's live entries
         self._leases: dict[str, float] = {}
         self._held: dict[str, set[str]] = {}
+
+    # -- the queue: none, since no other process sees this registry -------------
+
+    def enqueue(
+        self,
+        record: TaskRecord,
+        request: RequestSnapshot,
+        idempotency_key: str | None = None,
+        *,
+        max_queued: int,
+    ) -> TaskRecord:
+        raise RegistryError(NO_QUEUE)
+
+    def claim(
+        self, worker: str, routes: Sequence[str], limit: int, wait: float, lease: float
+    ) -> list[Claimed]:
+        raise RegistryError(NO_QUEUE)
+
+    def queued(self) -> int:
+        return 0
 
     # -- creation and lookup -------------------------------------------------
 

@@ -21,13 +21,15 @@ import stat
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import ClassVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from . import sqlite_schema as schema
 from .base import (
     Capabilities,
+    Claimed,
+    QueueFull,
     RegistryError,
     RegistryFull,
     RegistryUnavailable,
@@ -53,7 +55,7 @@ class SQLiteRegistry:
     """Registry in one SQLite file, shared by the processes of a host (``sqlite:///path``)."""
 
     capabilities: ClassVar[Capabilities] = Capabilities(
-        shared=True, queue=False, blocking_wait=True
+        shared=True, queue=True, blocking_wait=True
     )
 
     def __init__(
@@ -127,7 +129,18 @@ class SQLiteRegistry:
         request: RequestSnapshot | None = None,
         idempotency_key: str | None = None,
     ) -> TaskRecord:
+        return self._insert(record, request, idempotency_key, None)
+
+    def _insert(
+        self,
+        record: TaskRecord,
+        request: RequestSnapshot | None,
+        idempotency_key: str | None,
+        max_queued: int | None,
+    ) -> TaskRecord:
+        """Store ``record``; on the queue (with no holder) when ``max_queued`` is given."""
         now = time.time()
+        queue = max_queued is not None
         with self._write() as db:
             if idempotency_key is not None:
                 row = db.execute(
@@ -141,6 +154,11 @@ class SQLiteRegistry:
                 schema.expire(db, now, EXPIRE_ON_FULL)
                 if self._count(db) >= self.max_tasks:
                     raise RegistryFull(f"the registry holds its maximum of {self.max_tasks} tasks")
+            if max_queued is not None:
+                (queued,) = db.execute("SELECT queued FROM counters WHERE id = 1").fetchone()
+                if queued >= max_queued:
+                    raise QueueFull(f"{queued} tasks wait for a worker, and max_queued is "
+                                    f"{max_queued}")
             response = record.response
             try:
                 db.execute(
@@ -153,7 +171,7 @@ class SQLiteRegistry:
                         record.started_at,
                         record.finished_at,
                         record.expires_at,
-                        record.worker,
+                        None if queue else record.worker,
                         record.owner,
                         record.fingerprint,
                         record.attempts,
@@ -165,11 +183,80 @@ class SQLiteRegistry:
                         None if request is None else json.dumps(request.environ),
                         None if request is None else request.body,
                         idempotency_key,
+                        int(queue),
                     ),
                 )
             except sqlite3.IntegrityError:
                 raise RegistryError(f"a task with id {record.id!r} already exists") from None
-        return record.copy()
+        stored = record.copy()
+        if queue:
+            stored.worker = None
+            self._state().wakeups.publish([schema.QUEUE_WAKEUP])
+        return stored
+
+    # -- the queue -------------------------------------------------------------
+
+    def enqueue(
+        self,
+        record: TaskRecord,
+        request: RequestSnapshot,
+        idempotency_key: str | None = None,
+        *,
+        max_queued: int,
+    ) -> TaskRecord:
+        return self._insert(record, request, idempotency_key, max_queued)
+
+    def claim(
+        self, worker: str, routes: Sequence[str], limit: int, wait: float, lease: float
+    ) -> list[Claimed]:
+        """Claim in one ``UPDATE ... RETURNING``; wait for a queue wake-up while none is queued.
+
+        A claim is held under ``worker``'s lease (its heartbeat): when that
+        lapses, :meth:`reap` puts the task back on the queue or fails it.
+        """
+        if limit < 1 or not routes:
+            return []
+        claimed = self._claim(worker, routes, limit)
+        if claimed or wait <= 0:
+            return claimed
+        deadline = time.monotonic() + wait
+        with self._state().wakeups.subscribe(schema.QUEUE_WAKEUP) as woken:
+            while True:
+                claimed = self._claim(worker, routes, limit)
+                remaining = deadline - time.monotonic()
+                if claimed or remaining <= 0:
+                    return claimed
+                woken.wait(min(remaining, SAFETY_NET))
+                woken.clear()
+
+    def _claim(self, worker: str, routes: Sequence[str], limit: int) -> list[Claimed]:
+        pick = schema.CLAIMABLE.format(routes=", ".join("?" * len(routes)))
+        params = (worker, *routes, limit)
+        with self._write() as db:
+            if schema.RETURNING:
+                rows = db.execute(
+                    f"UPDATE tasks SET worker = ? WHERE id IN ({pick})"
+                    f" RETURNING {COLUMNS}, request_environ, request_body", params
+                ).fetchall()
+            else:
+                ids = [row[0] for row in db.execute(pick, params[1:]).fetchall()]
+                marks = ", ".join("?" * len(ids))
+                db.execute(f"UPDATE tasks SET worker = ? WHERE id IN ({marks})", (worker, *ids))
+                rows = db.execute(
+                    f"SELECT {COLUMNS}, request_environ, request_body FROM tasks"
+                    f" WHERE id IN ({marks})", ids
+                ).fetchall()
+        claimed = []
+        for row in sorted(rows, key=lambda row: row[3]):  # oldest first
+            environ = {str(k): str(v) for k, v in json.loads(row[-2] or "{}").items()}
+            claimed.append(Claimed(schema.record(row[:-2]), RequestSnapshot(
+                environ, bytes(row[-1] or b""))))
+        return claimed
+
+    def queued(self) -> int:
+        with self._read() as db:
+            (count,) = db.execute("SELECT queued FROM counters WHERE id = 1").fetchone()
+        return int(count)
 
     def get(self, task_id: str) -> TaskRecord | None:
         with self._read() as db:
@@ -283,6 +370,7 @@ class SQLiteRegistry:
         now = time.time()
         requeued: list[TaskRecord] = []
         failed: list[str] = []
+        requeued_on_queue = False
         with self._write() as db:
             dead = db.execute(
                 "SELECT id FROM workers WHERE lease_expires <= ? AND id != ?"
@@ -292,12 +380,20 @@ class SQLiteRegistry:
             for (dead_worker,) in dead:
                 room = max(0, limit - len(requeued) - len(failed))
                 held = db.execute(
-                    "SELECT id, replay, request_environ IS NOT NULL FROM tasks"
+                    "SELECT id, replay, request_environ IS NOT NULL, queue, status FROM tasks"
                     f" WHERE worker = ? AND {PENDING} ORDER BY created_at LIMIT ?",
                     (dead_worker, room + 1),
                 ).fetchall()
-                for task_id, replay, has_request in held[:room]:
-                    if replay and has_request:
+                for task_id, replay, has_request, queue, status in held[:room]:
+                    if queue and has_request and (replay or status == "queued"):
+                        # Back on the queue, for any worker: the reaper may be a web process.
+                        db.execute(
+                            "UPDATE tasks SET status = 'queued', worker = NULL, started_at = NULL"
+                            " WHERE id = ?",
+                            (task_id,),
+                        )
+                        requeued_on_queue = True
+                    elif replay and has_request:
                         db.execute(
                             "UPDATE tasks SET status = 'queued', worker = ?, started_at = NULL"
                             " WHERE id = ?",
@@ -313,8 +409,9 @@ class SQLiteRegistry:
                         failed.append(task_id)
                 if len(held) <= room:
                     db.execute("DELETE FROM workers WHERE id = ?", (dead_worker,))
-        if failed:
-            self._state().wakeups.publish(failed)
+        if failed or requeued_on_queue:
+            self._state().wakeups.publish(
+                [*failed, schema.QUEUE_WAKEUP] if requeued_on_queue else failed)
         return requeued
 
     # -- expiry --------------------------------------------------------------
@@ -384,6 +481,12 @@ class SQLiteRegistry:
                     f"this version of wsgi_async reads version {SCHEMA_VERSION}"
                 )
             mode = self._use_wal(db)
+            if 0 < version < SCHEMA_VERSION:
+                with self._write() as db:
+                    (version,) = db.execute("PRAGMA user_version").fetchone()
+                    for step in range(version or SCHEMA_VERSION, SCHEMA_VERSION):
+                        for statement in schema.MIGRATIONS[step]:
+                            db.execute(statement)
             if mode != "wal":
                 raise RegistryUnavailable(
                     f"SQLite registry {self.path} cannot use WAL mode (got {mode!r}); "

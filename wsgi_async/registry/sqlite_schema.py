@@ -9,11 +9,11 @@ from typing import Any
 from .base import StoredResponse, TaskRecord, TaskStatus
 
 __all__ = [
-    "COLUMNS", "INSERT", "PENDING", "RETURNING", "SCHEMA", "SCHEMA_VERSION", "START",
-    "expire", "expired", "record", "settle",
+    "CLAIMABLE", "COLUMNS", "INSERT", "MIGRATIONS", "PENDING", "QUEUE_WAKEUP", "RETURNING",
+    "SCHEMA", "SCHEMA_VERSION", "START", "expire", "expired", "record", "settle",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS tasks (
@@ -35,7 +35,8 @@ SCHEMA = (
         response_body BLOB,
         request_environ TEXT,
         request_body BLOB,
-        idempotency_key TEXT UNIQUE
+        idempotency_key TEXT UNIQUE,
+        queue INTEGER NOT NULL DEFAULT 0
     )""",
     """CREATE INDEX IF NOT EXISTS tasks_pending_by_worker ON tasks (worker, created_at)
         WHERE status IN ('queued', 'running')""",
@@ -46,15 +47,39 @@ SCHEMA = (
     # One row counting the tasks, so that enforcing max_tasks never runs COUNT(*).
     """CREATE TABLE IF NOT EXISTS counters (
         id INTEGER PRIMARY KEY CHECK (id = 1),
-        tasks INTEGER NOT NULL
+        tasks INTEGER NOT NULL,
+        queued INTEGER NOT NULL DEFAULT 0
     )""",
     """INSERT OR IGNORE INTO counters (id, tasks) VALUES (1, 0)""",
+    # The queue (executor="workers"): a queued task of the queue with no holder is
+    # claimable; ``queued`` counts the queue's queued tasks for max_queued, kept by triggers.
+    """CREATE INDEX IF NOT EXISTS tasks_claimable ON tasks (route, created_at)
+        WHERE queue = 1 AND status = 'queued' AND worker IS NULL""",
+    """CREATE TRIGGER IF NOT EXISTS tasks_queued_insert AFTER INSERT ON tasks
+        WHEN NEW.queue = 1 AND NEW.status = 'queued'
+        BEGIN UPDATE counters SET queued = queued + 1 WHERE id = 1; END""",
+    """CREATE TRIGGER IF NOT EXISTS tasks_queued_update AFTER UPDATE OF status ON tasks
+        WHEN NEW.queue = 1 AND (OLD.status = 'queued') != (NEW.status = 'queued')
+        BEGIN UPDATE counters SET queued = queued
+            + CASE WHEN NEW.status = 'queued' THEN 1 ELSE -1 END WHERE id = 1; END""",
+    """CREATE TRIGGER IF NOT EXISTS tasks_queued_delete AFTER DELETE ON tasks
+        WHEN OLD.queue = 1 AND OLD.status = 'queued'
+        BEGIN UPDATE counters SET queued = queued - 1 WHERE id = 1; END""",
     """CREATE TRIGGER IF NOT EXISTS tasks_count_insert AFTER INSERT ON tasks
         BEGIN UPDATE counters SET tasks = tasks + 1 WHERE id = 1; END""",
     """CREATE TRIGGER IF NOT EXISTS tasks_count_delete AFTER DELETE ON tasks
         BEGIN UPDATE counters SET tasks = tasks - 1 WHERE id = 1; END""",
     f"PRAGMA user_version = {SCHEMA_VERSION}",
 )
+
+# From each older version to the next, run before SCHEMA (a version-1 file holds no
+# queued task of the queue, so its counter starts at 0).
+MIGRATIONS = {
+    1: (
+        "ALTER TABLE tasks ADD COLUMN queue INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE counters ADD COLUMN queued INTEGER NOT NULL DEFAULT 0",
+    ),
+}
 
 COLUMNS = (
     "id, route, status, created_at, started_at, finished_at, worker, owner, fingerprint,"
@@ -65,8 +90,15 @@ INSERT = (
     "INSERT INTO tasks (id, route, status, created_at, started_at, finished_at,"
     " expires_at, worker, owner, fingerprint, attempts, replay, timeout,"
     " result_ttl, response_head, response_body, request_environ, request_body,"
-    f" idempotency_key) VALUES ({', '.join('?' * 19)})"
+    f" idempotency_key, queue) VALUES ({', '.join('?' * 20)})"
 )
+# The oldest claimable tasks of some routes (``{routes}``: one ``?`` per route).
+CLAIMABLE = (
+    "SELECT id FROM tasks WHERE queue = 1 AND status = 'queued' AND worker IS NULL"
+    " AND route IN ({routes}) ORDER BY created_at LIMIT ?"
+)
+# What workers waiting for the queue subscribe to (not a task id: those have no ':').
+QUEUE_WAKEUP = "wsgi-async:queue"
 START = (
     "UPDATE tasks SET status = 'running', started_at = ?, attempts = attempts + 1"
     " WHERE id = ? AND status = 'queued' AND worker = ?"

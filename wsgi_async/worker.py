@@ -1,0 +1,138 @@
+"""The worker loop: claim tasks from the registry's queue and run them on this process.
+
+A :class:`Worker` takes tasks of its routes from the queue (Redis Streams or
+the SQLite table), at most one per thread, and hands each to the task
+service's runner: the same capture, limits and timeout as a task run in the
+web process.  :meth:`Worker.stop` (SIGTERM, SIGINT) stops claiming; the tasks
+already running finish within the grace period.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+
+from .errors import QueueFull, RegistryError
+from .model import RequestSnapshot
+from .service import TaskService
+
+log = logging.getLogger("wsgi_async")
+
+#: How long one claim blocks while the queue is empty: the stop signal's latency.
+CLAIM_WAIT = 1.0
+#: Backoff bounds, in seconds, while the registry is unavailable.
+BACKOFF_MIN = 0.1
+BACKOFF_MAX = 2.0
+
+
+class _Claimed:
+    """One claimed task in the pool; gives its thread back to the worker when it ends."""
+
+    __slots__ = ("request", "task_id", "worker")
+
+    def __init__(self, worker: Worker, task_id: str, request: RequestSnapshot) -> None:
+        self.worker = worker
+        self.task_id = task_id
+        self.request = request
+
+    @property
+    def size(self) -> int:
+        return self.request.size
+
+    def run(self) -> None:
+        try:
+            self.worker.service.runner.run(self.task_id, self.request, multiprocess=True)
+        finally:
+            self.worker.slots.release()
+
+    def cancel(self, reason: str) -> None:
+        # Never queued behind a busy thread (one claim per free thread): nothing to
+        # undo; the claim lapses with this process's lease and another worker takes it.
+        self.worker.slots.release()
+
+
+class Worker:
+    """Run the tasks of ``routes`` that web processes put on the registry's queue.
+
+    ``service`` is this process's task service (its pool has ``threads``
+    threads); ``routes`` are route patterns as the web processes name them.
+    """
+
+    def __init__(
+        self, service: TaskService, routes: Sequence[str], *, grace: float = 30.0
+    ) -> None:
+        if not service.registry.capabilities.queue:
+            raise ValueError(
+                f"{type(service.registry).__name__} has no queue: workers need "
+                "registry='sqlite:///path/tasks.db' or 'redis://host:port/db'"
+            )
+        if not routes:
+            raise ValueError("a worker needs at least one route to claim tasks of")
+        self.service = service
+        self.routes = tuple(routes)
+        self.grace = grace
+        self.threads = service.options.max_workers
+        self.slots = threading.Semaphore(self.threads)
+        self._stopping = threading.Event()
+
+    def stop(self) -> None:
+        """Stop claiming (safe from a signal handler); :meth:`run` then drains and returns."""
+        self._stopping.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    def run(self) -> bool:
+        """Claim and run tasks until :meth:`stop`; return whether every task finished.
+
+        Tasks still running after ``grace`` seconds are left to the lease: once
+        it lapses, another worker replays them or fails them as ``worker_lost``.
+        """
+        service = self.service
+        service.ensure_started()
+        log.info("wsgi_async: worker %s claims routes %s on %d threads",
+                 service.worker_id(), ", ".join(self.routes), self.threads)
+        delay = BACKOFF_MIN
+        while not self._stopping.is_set():
+            if not self.slots.acquire(timeout=CLAIM_WAIT):
+                continue
+            room = 1
+            while room < self.threads and self.slots.acquire(blocking=False):
+                room += 1
+            try:
+                claimed = service.registry.claim(
+                    service.worker_id(), self.routes, room,
+                    0.0 if self._stopping.is_set() else CLAIM_WAIT, service.options.lease_time,
+                )
+            except RegistryError as exc:
+                for _ in range(room):
+                    self.slots.release()
+                log.warning("wsgi_async: cannot claim tasks, retrying in %.1fs: %s", delay, exc)
+                self._stopping.wait(delay)
+                delay = min(delay * 2, BACKOFF_MAX)
+                continue
+            delay = BACKOFF_MIN
+            for _ in range(room - len(claimed)):
+                self.slots.release()
+            for task in claimed:
+                try:
+                    service.pool.submit(_Claimed(self, task.record.id, task.request))
+                except (QueueFull, RuntimeError) as exc:
+                    # Left claimed: this process's lease lapses and another takes it over.
+                    self.slots.release()
+                    log.error("wsgi_async: cannot run claimed task %s: %s", task.record.id, exc)
+        log.info("wsgi_async: worker %s stops claiming; waiting up to %.0fs for running tasks",
+                 service.worker_id(), self.grace)
+        began = time.monotonic()
+        drained = service.pool.shutdown(wait=True, timeout=self.grace)
+        service.supervisor.stop(retire=drained)
+        if drained:
+            log.info("wsgi_async: worker %s finished its tasks in %.1fs",
+                     service.worker_id(), time.monotonic() - began)
+        else:
+            log.warning("wsgi_async: worker %s stopped with tasks still running; they are "
+                        "taken over once its lease lapses", service.worker_id())
+        return drained

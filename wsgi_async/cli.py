@@ -214,7 +214,44 @@ def add_call(commands: Any) -> None:
     call.set_defaults(handler=call_command.run)
 
 
-SUBCOMMANDS: list[Callable[[Any], None]] = [add_serve, add_demo, add_call]
+def add_worker(commands: Any) -> None:
+    worker = commands.add_parser(
+        "worker", help="run the tasks of routes with executor='workers' (MODULE:APP)",
+        description="Claim tasks from the registry's queue and run them. MODULE:APP is the "
+                    "AsyncMiddleware object the web server serves (its app, registry, routes "
+                    "and limits are used); with a plain WSGI app, --registry and --routes "
+                    "are required. SIGTERM or SIGINT: stop claiming, finish running tasks "
+                    "within --grace seconds, exit 0.")
+    worker.add_argument("app", metavar="MODULE:APP", help="the AsyncMiddleware (or WSGI app)")
+    worker.add_argument("--threads", type=int, default=8, metavar="N",
+                        help="tasks run at once by this process (default 8)")
+    worker.add_argument("--registry", default=None, metavar="URL",
+                        help="sqlite:///path.db or redis://host:port/db (default: the app's)")
+    worker.add_argument("--routes", nargs="+", default=None, metavar="REGEX",
+                        help="claim only the tasks of these route patterns (default: every "
+                             "route of the app with executor='workers')")
+    worker.add_argument("--grace", type=float, default=30.0, metavar="S",
+                        help="seconds to finish running tasks after SIGTERM (default 30)")
+    add_log_level(worker)
+    worker.set_defaults(handler=run_worker)
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    from .worker import build_worker
+
+    app = load_app(args.app)
+    try:
+        worker = build_worker(app, threads=args.threads, registry=args.registry,
+                              routes=args.routes, grace=args.grace)
+    except (TypeError, ValueError, ImportError) as exc:
+        raise CommandError(str(exc)) from exc
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda signum, frame: worker.stop())
+    worker.run()
+    return 0
+
+
+SUBCOMMANDS: list[Callable[[Any], None]] = [add_serve, add_demo, add_call, add_worker]
 
 
 def build_parser() -> argparse.ArgumentParser:

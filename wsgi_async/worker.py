@@ -136,3 +136,59 @@ class Worker:
             log.warning("wsgi_async: worker %s stopped with tasks still running; they are "
                         "taken over once its lease lapses", service.worker_id())
         return drained
+
+
+def build_worker(
+    app: object,
+    *,
+    threads: int = 8,
+    registry: str | None = None,
+    routes: Sequence[str] | None = None,
+    grace: float = 30.0,
+) -> Worker:
+    """The worker for ``app``: an :class:`AsyncMiddleware` (one source of truth) or a plain app.
+
+    From a middleware it takes the application, the registry, the routes whose
+    executor is ``"workers"`` and every limit; ``registry`` and ``routes``
+    may narrow them.  A plain WSGI application needs both.  Raises
+    ``ValueError`` or ``TypeError`` with a message for the user.
+    """
+    from dataclasses import replace
+
+    from .config import build_options
+    from .middleware import AsyncMiddleware
+    from .registry import open_registry
+
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads!r}")
+    if not grace >= 0:
+        raise ValueError(f"grace must be a number of seconds, at least 0, got {grace!r}")
+    if isinstance(app, AsyncMiddleware):
+        options = app.options
+        queued = [route.pattern.pattern for route in options.routes
+                  if options.executor_of(route) == "workers"]
+        if routes:
+            unknown = [route for route in routes if route not in queued]
+            if unknown:
+                raise ValueError(f"routes {unknown} are not routes of the application with "
+                                 f"executor='workers'; those are {queued}")
+            queued = list(routes)
+        if not queued:
+            raise ValueError("no route of the application has executor='workers': "
+                             "nothing would ever reach this worker")
+        store = app.registry if registry is None else open_registry(
+            registry, max_tasks=options.max_tasks, max_stored_bytes=options.max_stored_bytes)
+        wsgi_app = app.app
+    else:
+        if not callable(app):
+            raise TypeError(f"app must be a WSGI callable, got {app!r}")
+        if registry is None or not routes:
+            raise ValueError("a plain WSGI application needs --registry and --routes (the "
+                             "route patterns as the web processes name them); or point the "
+                             "worker at the AsyncMiddleware object the web server serves")
+        options = build_options(list(routes), executor="workers")
+        store = open_registry(registry, max_tasks=options.max_tasks)
+        queued = list(routes)
+        wsgi_app = app
+    service = TaskService(wsgi_app, store, replace(options, max_workers=threads))
+    return Worker(service, queued, grace=grace)

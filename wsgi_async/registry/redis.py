@@ -27,7 +27,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import ClassVar, cast
 
@@ -43,6 +43,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 from . import redis_scripts as lua
 from .base import (
     Capabilities,
+    Claimed,
     RegistryError,
     RegistryFull,
     RegistryUnavailable,
@@ -158,6 +159,24 @@ class RedisRegistry:
         if reply[0] == b"existing":
             return lua.decode(lua.pairs(reply[1]))
         return record.copy()
+
+    def enqueue(
+        self,
+        record: TaskRecord,
+        request: RequestSnapshot,
+        idempotency_key: str | None = None,
+        *,
+        max_queued: int,
+    ) -> TaskRecord:
+        raise RegistryError("the Redis registry's queue is not available yet")
+
+    def claim(
+        self, worker: str, routes: Sequence[str], limit: int, wait: float, lease: float
+    ) -> list[Claimed]:
+        raise RegistryError("the Redis registry's queue is not available yet")
+
+    def queued(self) -> int:
+        return 0
 
     def get(self, task_id: str) -> TaskRecord | None:
         with self._guard("read a task"):

@@ -1,0 +1,149 @@
+"""The registry's queue (``capabilities.queue``): enqueue, claim, the bound, take-over.
+
+Runs on every backend with a queue (SQLite, Redis); the memory registry has
+none and says so.  Real storage, real clocks: leases are short, loops bounded.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import _cleanup, make_registry, new_task
+from wsgi_async import QueueFull, RegistryError
+from wsgi_async.registry import MemoryRegistry, Registry, TaskStatus
+from wsgi_async.registry.base import RequestSnapshot, StoredResponse
+
+ROUTE = "^/r"
+REQUEST = RequestSnapshot({"REQUEST_METHOD": "POST", "PATH_INFO": "/r"}, b"\x00body\xff")
+OK = StoredResponse("200 OK", (("Content-Type", "text/plain"),), b"ok")
+
+
+@pytest.fixture(params=["sqlite"])
+def queue(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Registry]:
+    registry = make_registry(str(request.param), tmp_path)
+    assert registry.capabilities.queue
+    yield registry
+    _cleanup(registry)
+
+
+def test_memory_registry_has_no_queue() -> None:
+    registry = MemoryRegistry()
+    assert not registry.capabilities.queue
+    with pytest.raises(RegistryError, match="no queue"):
+        registry.enqueue(new_task(), REQUEST, max_queued=10)
+
+
+def test_a_claimed_task_carries_its_request_and_runs_once(queue: Registry) -> None:
+    stored = queue.enqueue(new_task(worker="web"), REQUEST, max_queued=10)
+    assert stored.worker is None and stored.status is TaskStatus.QUEUED
+    assert queue.queued() == 1
+    assert len(queue.claim("w1", [ROUTE], 10, 0, 5)) == 1
+    assert queue.claim("w2", [ROUTE], 10, 0.2, 5) == []  # claimed once only
+    record = queue.get(stored.id)
+    assert record is not None and record.worker == "w1"
+    started = queue.start(stored.id, "w1")
+    assert started is not None and started.status is TaskStatus.RUNNING
+    assert queue.queued() == 0
+    assert queue.finish(stored.id, "w1", TaskStatus.DONE, OK)
+    done = queue.get(stored.id)
+    assert done is not None and done.response == OK
+    assert queue.claim("w2", [ROUTE], 10, 0, 5) == []
+
+
+def test_claim_returns_the_request_as_stored(queue: Registry) -> None:
+    stored = queue.enqueue(new_task(), REQUEST, max_queued=10)
+    (claimed,) = queue.claim("w1", [ROUTE], 1, 0, 5)
+    assert claimed.record.id == stored.id
+    assert claimed.record.worker == "w1"
+    assert claimed.request == REQUEST
+
+
+def test_claim_takes_only_its_routes_and_at_most_limit(queue: Registry) -> None:
+    elsewhere = new_task()
+    elsewhere.route = "^/other"
+    other = queue.enqueue(elsewhere, REQUEST, max_queued=10)
+    mine = [queue.enqueue(new_task(), REQUEST, max_queued=10).id for _ in range(3)]
+    first = queue.claim("w1", [ROUTE], 2, 0, 5)
+    second = queue.claim("w1", [ROUTE], 2, 0, 5)
+    assert len(first) == 2 and len(second) == 1
+    assert sorted(c.record.id for c in first + second) == sorted(mine)
+    (theirs,) = queue.claim("w2", ["^/other"], 5, 0, 5)
+    assert theirs.record.id == other.id
+
+
+def test_a_blocking_claim_wakes_when_a_task_is_queued(queue: Registry) -> None:
+    import threading
+
+    got: list[object] = []
+    waiter = threading.Thread(target=lambda: got.extend(queue.claim("w1", [ROUTE], 1, 5, 5)))
+    waiter.start()
+    time.sleep(0.3)
+    began = time.monotonic()
+    queue.enqueue(new_task(), REQUEST, max_queued=10)
+    waiter.join(10)
+    assert len(got) == 1
+    assert time.monotonic() - began < 2.0
+
+
+def test_past_max_queued_nothing_is_stored(queue: Registry) -> None:
+    for _ in range(3):
+        queue.enqueue(new_task(), REQUEST, max_queued=3)
+    refused = new_task()
+    with pytest.raises(QueueFull):
+        queue.enqueue(refused, REQUEST, max_queued=3)
+    assert queue.get(refused.id) is None
+    assert queue.queued() == 3
+    # A task that left the queue (claimed and started) frees a place.
+    (claimed,) = queue.claim("w1", [ROUTE], 1, 0, 5)
+    queue.start(claimed.record.id, "w1")
+    queue.enqueue(new_task(), REQUEST, max_queued=3)
+    # Failed or deleted queued tasks leave the count too.
+    waiting = queue.enqueue(new_task(), REQUEST, max_queued=4)
+    assert queue.fail(waiting.id, OK)
+    assert queue.queued() == 3
+
+
+def test_an_idempotency_key_returns_the_queued_task(queue: Registry) -> None:
+    first = queue.enqueue(new_task(), REQUEST, "key", max_queued=10)
+    again = queue.enqueue(new_task(), REQUEST, "key", max_queued=10)
+    assert again.id == first.id
+    assert queue.queued() == 1
+
+
+@pytest.mark.parametrize("replay", [True, False])
+def test_a_dead_workers_running_task_is_requeued_or_lost(queue: Registry, replay: bool) -> None:
+    stored = queue.enqueue(new_task(replay=replay), REQUEST, max_queued=10)
+    queue.heartbeat("dead", 0.2)
+    queue.claim("dead", [ROUTE], 1, 0, 0.2)
+    queue.start(stored.id, "dead")
+    time.sleep(0.3)
+    queue.heartbeat("web", 10)
+    assert queue.reap("web") == []  # never handed to the reaper: it may be a web process
+    record = queue.get(stored.id)
+    assert record is not None
+    if replay:
+        assert (record.status, record.worker) == (TaskStatus.QUEUED, None)
+        assert queue.queued() == 1
+        (claimed,) = queue.claim("w2", [ROUTE], 1, 2, 5)
+        assert claimed.record.id == stored.id and claimed.request == REQUEST
+        started = queue.start(stored.id, "w2")
+        assert started is not None and started.attempts == 2
+    else:
+        assert record.status is TaskStatus.FAILED and record.response is not None
+        assert b"worker_lost" in record.response.body
+        assert queue.queued() == 0
+
+
+def test_a_dead_workers_unstarted_claim_goes_back_on_the_queue(queue: Registry) -> None:
+    stored = queue.enqueue(new_task(), REQUEST, max_queued=10)  # no replay: it never ran
+    queue.heartbeat("dead", 0.2)
+    queue.claim("dead", [ROUTE], 1, 0, 0.2)
+    time.sleep(0.3)
+    queue.heartbeat("web", 10)
+    assert queue.reap("web") == []
+    (claimed,) = queue.claim("w2", [ROUTE], 1, 2, 5)
+    assert claimed.record.id == stored.id

@@ -25,47 +25,19 @@ from typing import Any
 import pytest
 
 from conftest import free_port
+from live_server import app_env, serve_clientapp
 from wsgi_async import client
 from wsgi_async.call import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_TIMEOUT, EXIT_USAGE
 
 pytestmark = pytest.mark.server
 
-APPS = Path(__file__).parent / "apps"
 RESULT = b"result:\x00\xff\x01binary\r\n"  # what clientapp's tasks end with
-
-
-def _env() -> dict[str, str]:
-    return dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(APPS), *filter(None, [os.environ.get("PYTHONPATH")])]))
 
 
 @pytest.fixture(scope="module")
 def base() -> Iterator[str]:
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "wsgi_async", "serve", "clientapp:app", "--route", "^/long$",
-         "--route", "^/fail$", "--port", str(port), "--log-level", "WARNING"],
-        env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 15
-        while True:
-            assert process.poll() is None, f"the server exited with {process.returncode}"
-            try:
-                urllib.request.urlopen(url + "/ready", timeout=2).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "the server did not start in 15 s"
-                time.sleep(0.1)
+    with serve_clientapp() as url:
         yield url
-    finally:
-        os.kill(process.pid, signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            os.kill(process.pid, signal.SIGKILL)
-            process.wait(10)
 
 
 def mimic_log(base: str, job_path: str) -> list[dict[str, Any]]:
@@ -217,7 +189,7 @@ def test_connection_refused() -> None:
 
 def run_call(*argv: str, timeout: float = 30) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run([sys.executable, "-m", "wsgi_async", "call", *argv],
-                          capture_output=True, timeout=timeout, env=_env())
+                          capture_output=True, timeout=timeout, env=app_env())
 
 
 def test_call_prints_the_body_and_exits_0(base: str, tmp_path: Path) -> None:
@@ -285,7 +257,7 @@ def test_call_interrupt_without_a_tty(base: str, cancel: bool) -> None:
     argv = [sys.executable, "-m", "wsgi_async", "call", f"{base}/mimic/jobs?steps=100",
             "--no-progress", *(["--cancel-on-interrupt"] if cancel else [])]
     process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, env=_env())
+                               stderr=subprocess.PIPE, env=app_env())
     try:
         _interrupt_when_polling(process, base, since)
         stdout, stderr = process.communicate(timeout=15)
@@ -309,7 +281,7 @@ def test_call_interrupt_asks_on_a_tty(base: str, answer: bytes) -> None:
     process = subprocess.Popen(
         [sys.executable, "-m", "wsgi_async", "call", f"{base}/mimic/jobs?steps=100",
          "--no-progress"],
-        stdin=terminal, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
+        stdin=terminal, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=app_env())
     os.close(terminal)
     try:
         _interrupt_when_polling(process, base, since)

@@ -21,12 +21,15 @@ from .model import TaskRecord
 from .prefer import parse_prefer
 from .registry import Registry
 from .responses import replay, send_empty, send_error, send_json
+from .status_page import HEADERS as PAGE_HEADERS
+from .status_page import prefers_html, render
 from .types import StartResponse, WSGIEnvironment
 
 log = logging.getLogger("wsgi_async")
 
 TASK_ID = re.compile(r"[A-Za-z0-9_-]{22,64}")
 ALLOWED = "GET, HEAD, DELETE"
+VARY = ("Vary", "Accept")  # a pending task answers JSON or, to a browser, a page
 
 
 class StatusEndpoint:
@@ -86,13 +89,19 @@ class StatusEndpoint:
         record: TaskRecord,
         headers: Iterable[tuple[str, str]] = (),
     ) -> list[bytes]:
-        """The 202 document of a task that has not finished."""
+        """The 202 document of a task that has not finished (a page when HTML is preferred)."""
         location = task_url(environ, self.options.status_path, record.id)
         document = record.summary()
         document["location"] = location
         extra = [("Location", location), self._retry_after]
         if headers:
             extra.extend(headers)
+        if prefers_html(environ):
+            page = render(document, poll_url=location)
+            start_response("202 Accepted", [*PAGE_HEADERS, ("Content-Length", str(len(page))),
+                                            *extra])
+            return [] if environ.get("REQUEST_METHOD") == "HEAD" else [page]
+        extra.append(VARY)
         return send_json(environ, start_response, 202, document, extra)
 
     def wait_for(self, record: TaskRecord, timeout: float) -> TaskRecord | None:

@@ -19,6 +19,9 @@ middleware.  It ignores ``Prefer: wait`` and logs every request it gets:
   (a 500 with ``fail=1``), or ``303 See Other`` to ``/mimic/result/<id>``
   (``style=see-other``); ``410`` once cancelled;
 * ``DELETE /mimic/status/<id>`` cancels (``204``);
+* ``GET /mimic/page/<id>`` is the job's ``wsgi_async.status_page`` (or its JSON
+  status, with progress, to a client that prefers JSON; each such poll is a step
+  done), then an HTML result;
 * ``GET /mimic/result/<id>`` is the result; ``GET /mimic/big?size=N`` is N bytes;
 * ``GET /mimic/log`` is the JSON list of the requests seen.
 """
@@ -32,6 +35,8 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from urllib.parse import parse_qs
+
+from wsgi_async import status_page
 
 RESULT = b"result:\x00\xff\x01binary\r\n"
 HTML_RESULT = b"<!doctype html><title>Report</title><h1 id=done>Report ready</h1>"
@@ -73,6 +78,7 @@ def mimic(environ: dict, start_response) -> Iterable[bytes]:
     host = environ.get("HTTP_HOST", "")
     with _lock:
         _log.append({"method": method, "path": path, "prefer": environ.get("HTTP_PREFER"),
+                     "accept": environ.get("HTTP_ACCEPT"),
                      "authorization": "HTTP_AUTHORIZATION" in environ, "host": host,
                      "at": time.monotonic()})
     if path == "/mimic/log":
@@ -93,6 +99,8 @@ def mimic(environ: dict, start_response) -> Iterable[bytes]:
     if kind == "result" and method == "GET":
         return _answer(start_response, "200 OK", RESULT,
                        [("Content-Type", "application/octet-stream")])
+    if kind == "page" and method == "GET":
+        return _page(environ, start_response, job_id, job)
     if kind != "status":
         return _answer(start_response, "404 Not Found", b"no such thing")
     if method == "DELETE":
@@ -152,6 +160,29 @@ def _status(start_response, job_id: str, job: dict[str, object]) -> list[bytes]:
                        [("Location", f"/mimic/result/{job_id}")])
     return _answer(start_response, "200 OK", RESULT,
                    [("Content-Type", "application/octet-stream")])
+
+
+def _page(environ: dict, start_response, job_id: str, job: dict) -> list[bytes]:
+    """The job's status as wsgi_async.status_page renders it for a browser, or as JSON.
+
+    Here a step is done at each JSON poll, not in time: a browser's virtual time
+    (``--virtual-time-budget``) runs the page's timers much faster than the clock.
+    """
+    steps, html = job["steps"], status_page.prefers_html(environ)
+    with _lock:
+        done = job["polls"] = min(steps, job.get("polls", 0) + (not html))
+    if done >= steps:
+        return _answer(start_response, "200 OK", HTML_RESULT,
+                       [("Content-Type", "text/html; charset=utf-8")])
+    document = {"id": job_id, "status": "running", "progress": {
+        "current": done, "total": steps, "percent": round(100 * done / steps, 1),
+        "message": f"step {done} of {steps}"}}
+    if html:
+        page = status_page.render(document, poll_url=environ["PATH_INFO"])
+        return _answer(start_response, "202 Accepted", page,
+                       [*status_page.HEADERS, ("Retry-After", str(job["retry"]))])
+    return _answer(start_response, "202 Accepted", json.dumps(document).encode(),
+                   [("Content-Type", "application/json"), ("Retry-After", str(job["retry"]))])
 
 
 def app(environ: dict, start_response) -> Iterable[bytes]:

@@ -62,7 +62,7 @@ def test_follows_a_task_of_the_middleware(base: str) -> None:
     assert tasks == [response.task_url] and response.url == response.task_url
     assert response.task_url is not None
     assert response.task_url.startswith(base + "/_async/tasks/")  # the relative path resolved
-    assert 1.5 <= took < 5  # the long-poll returned as the task ended
+    assert 1.5 <= took < 10  # the long-poll returned as the task ended
 
 
 def test_a_failed_task_is_returned_not_raised(base: str) -> None:
@@ -124,7 +124,7 @@ def test_timeout_leaves_the_task_alone(base: str) -> None:
     began = time.monotonic()
     with pytest.raises(client.Timeout) as raised:
         client.call(f"{base}/mimic/jobs?steps=50&step=0.2&retry=0", timeout=1.0)
-    assert 1.0 <= time.monotonic() - began < 3
+    assert 1.0 <= time.monotonic() - began < 6
     assert raised.value.task_url is not None and not raised.value.cancelled
     job_path = "/mimic/status/" + raised.value.task_url.rsplit("/", 1)[1]
     assert "DELETE" not in {entry["method"] for entry in mimic_log(base, job_path)}
@@ -143,11 +143,12 @@ def test_timeout_cancels_when_asked(base: str) -> None:
 def test_timeout_bounds_a_long_poll_of_the_middleware(base: str) -> None:
     began = time.monotonic()
     with pytest.raises(client.Timeout) as raised:
-        client.call(base + "/long?seconds=5", timeout=1.0)
-    assert time.monotonic() - began < 2.5
-    assert raised.value.task_url is not None
-    # The task went on: following its URL again gets the result.
-    assert client.call(raised.value.task_url, "GET", timeout=15).status == 201
+        client.call(base + "/long?seconds=10", timeout=1.0)
+    assert time.monotonic() - began < 6  # the long-poll was cut short, not waited out
+    assert raised.value.task_url is not None and not raised.value.cancelled
+    # The task goes on: its URL still answers 202.
+    with urllib.request.urlopen(raised.value.task_url, timeout=10) as pending:
+        assert pending.status == 202
 
 
 def test_max_polls(base: str) -> None:

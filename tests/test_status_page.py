@@ -173,7 +173,7 @@ def test_the_browser_shows_the_state_then_the_result(
     chromium: str, base: str, tmp_path: Path
 ) -> None:
     began = time.monotonic()
-    task = submit(base + "/long?seconds=6&html=1")
+    task = submit(base + "/long?seconds=8&html=1")
     # While the task runs: the page, its state line and an indeterminate bar (no progress).
     dom = browse(chromium, tmp_path / "profile", task, "--timeout=1500", "--dump-dom")
     assert re.search(r'<p id="state"[^>]*>Running</p>', dom), dom
@@ -181,13 +181,12 @@ def test_the_browser_shows_the_state_then_the_result(
     shot = tmp_path / "pending.png"
     browse(chromium, tmp_path / "profile", task, "--timeout=1500", f"--screenshot={shot}")
     assert_png(shot)
-    assert time.monotonic() - began < 5.5, "too slow to see the pending state"
     # Left alone, the page long-polls, and loads the application's own page at the end.
     dom = browse(chromium, tmp_path / "profile", task, "--virtual-time-budget=30000",
                  "--dump-dom")
     assert '<h1 id="done">Report ready</h1>' in dom
     assert 'id="state"' not in dom
-    assert time.monotonic() - began >= 6
+    assert time.monotonic() - began >= 8
 
 
 def test_the_browser_fills_the_bar_from_the_polls(

@@ -338,3 +338,79 @@ def test_every_task_is_finished_exactly_once_under_contention(registry: Registry
         thread.join()
     assert sorted(wins) == sorted(t.id for t in tasks)
     assert all(registry.get(t.id).status.is_final for t in tasks)  # type: ignore[union-attr]
+
+
+# -- progress (issue 11) ---------------------------------------------------------------
+
+
+def test_progress_is_stored_only_while_the_task_runs_under_its_worker(registry: Registry) -> None:
+    document: dict[str, object] = {"current": 3, "total": 10, "percent": 30.0,
+                                   "message": "caf\u00e9 \"3\""}
+    record = registry.create(new_task())
+    assert registry.progress(record.id, "w1", document) is False  # queued: not yet
+    assert registry.is_running(record.id, "w1") is False
+    registry.start(record.id, "w1")
+    assert registry.is_running(record.id, "w1") is True
+    assert registry.is_running(record.id, "w2") is False
+    assert registry.progress(record.id, "w2", document) is False
+    assert registry.get(record.id).progress is None  # type: ignore[union-attr]
+    assert registry.progress(record.id, "w1", document) is True
+    got = registry.get(record.id)
+    assert got is not None and got.progress == document
+    assert got.summary()["progress"] == document
+    assert registry.progress(record.id, "w1", {**document, "current": 4}) is True
+    assert registry.get(record.id).progress["current"] == 4  # type: ignore[union-attr,index]
+    registry.finish(record.id, "w1", TaskStatus.DONE, OK)
+    assert registry.progress(record.id, "w1", document) is False
+    assert registry.is_running(record.id, "w1") is False
+    assert registry.progress("nope", "w1", document) is False
+    assert registry.is_running("nope", "w1") is False
+
+
+def test_a_requeued_task_starts_without_its_old_progress(registry: Registry) -> None:
+    registry.heartbeat("dead", 0.05)
+    record = registry.create(new_task("dead", replay=True),
+                             RequestSnapshot({"PATH_INFO": "/"}, b""))
+    registry.start(record.id, "dead")
+    registry.progress(record.id, "dead", {"current": 1, "total": None, "percent": None,
+                                          "message": None})
+    time.sleep(0.1)
+    requeued = registry.reap("alive")
+    assert [r.id for r in requeued] == [record.id]
+    assert requeued[0].progress is None
+    assert registry.get(record.id).progress is None  # type: ignore[union-attr]
+
+
+def test_concurrent_progress_writes_and_a_finish_never_tear(registry: Registry) -> None:
+    record = registry.create(new_task())
+    registry.start(record.id, "w1")
+    stop = threading.Event()
+    after_finish: list[bool] = []
+    finished = threading.Event()
+
+    def write(thread: int) -> None:
+        count = 0
+        while not stop.is_set():
+            count += 1
+            done = finished.is_set()
+            stored = registry.progress(record.id, "w1", {"current": count, "total": None,
+                                                         "percent": None, "message": str(thread)})
+            if done:
+                after_finish.append(stored)
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.2)
+    seen = registry.get(record.id)
+    assert seen is not None and seen.progress is not None
+    assert seen.progress["message"] in {"0", "1", "2", "3"}  # one writer's whole document
+    assert registry.finish(record.id, "w1", TaskStatus.DONE, OK) is True
+    finished.set()
+    time.sleep(0.1)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    assert after_finish and not any(after_finish)  # no write lands once it is final
+    got = registry.get(record.id)
+    assert got is not None and got.status is TaskStatus.DONE and got.response == OK

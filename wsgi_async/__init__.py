@@ -1,7 +1,14 @@
 """Turn slow endpoints of any WSGI application into asynchronous request-reply endpoints."""
 
 from .config import Options, Route
-from .errors import QueueFull, RegistryError, RegistryFull, RegistryUnavailable, WsgiAsyncError
+from .errors import (
+    QueueFull,
+    RegistryError,
+    RegistryFull,
+    RegistryUnavailable,
+    TaskCancelled,
+    WsgiAsyncError,
+)
 from .middleware import AsyncMiddleware
 from .registry import (
     Capabilities,
@@ -27,6 +34,7 @@ __all__ = [
     "RegistryUnavailable",
     "Route",
     "StoredResponse",
+    "TaskCancelled",
     "TaskHandle",
     "TaskRecord",
     "TaskService",

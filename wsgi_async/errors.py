@@ -42,6 +42,14 @@ class TaskTimeout(WsgiAsyncError):
     """The task ran past its timeout."""
 
 
+class TaskCancelled(WsgiAsyncError):
+    """Raised by ``TaskHandle.check()``: the task was cancelled, its result would be discarded.
+
+    An application may let it propagate: the runner then ends the task quietly
+    (no traceback, nothing stored over the cancellation).
+    """
+
+
 # Built once: ``json.dumps`` with options builds a new encoder on every call.
 _ENCODE = json.JSONEncoder(separators=(",", ":")).encode
 _PHRASES = {status.value: status.phrase for status in HTTPStatus}

@@ -23,16 +23,17 @@ def new_task_id() -> str:
 
 
 class TaskStatus(str, Enum):
-    """Where a task is in its life: queued -> running -> done | failed."""
+    """Where a task is in its life: queued -> running -> done | failed | cancelled."""
 
     QUEUED = "queued"
     RUNNING = "running"
     DONE = "done"
     FAILED = "failed"
+    CANCELLED = "cancelled"
 
     @property
     def is_final(self) -> bool:
-        return self is TaskStatus.DONE or self is TaskStatus.FAILED
+        return self is not TaskStatus.QUEUED and self is not TaskStatus.RUNNING
 
 
 @dataclass(slots=True, frozen=True)
@@ -75,6 +76,11 @@ def lost_worker_response(task_id: str) -> StoredResponse:
         id=task_id,
         reason="worker_lost",
     )
+
+
+def cancelled_response(task_id: str) -> StoredResponse:
+    """What a cancelled task answers: ``410 Gone`` saying so."""
+    return error_response(410, "The task was cancelled.", id=task_id, status="cancelled")
 
 
 @dataclass(slots=True, frozen=True)
@@ -131,13 +137,15 @@ class TaskRecord:
     timeout: float | None = None
     result_ttl: float = 300.0
     response: StoredResponse | None = None
+    # The latest progress the application reported (see TaskHandle.progress), or None.
+    progress: dict[str, object] | None = None
 
     def copy(self) -> TaskRecord:
         """A shallow copy (what ``dataclasses.replace(self)`` gives, several times faster)."""
         return TaskRecord(
             self.id, self.route, self.status, self.created_at, self.started_at,
             self.finished_at, self.worker, self.owner, self.fingerprint, self.attempts,
-            self.replay, self.timeout, self.result_ttl, self.response,
+            self.replay, self.timeout, self.result_ttl, self.response, self.progress,
         )
 
     @property
@@ -154,5 +162,5 @@ class TaskRecord:
             "status": self.status.value,
             "created_at": self.created_at,
             "started_at": self.started_at,
-            "progress": None,
+            "progress": self.progress,
         }

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import io
 import sys
-from dataclasses import dataclass
 from typing import IO, Any
 from wsgiref.util import FileWrapper
 
+from .handle import TaskHandle as TaskHandle
 from .model import RequestSnapshot
 from .types import WSGIEnvironment
 
@@ -30,18 +30,6 @@ class BodyError(Exception):
         super().__init__(detail)
         self.code = code
         self.detail = detail
-
-
-@dataclass(frozen=True, slots=True)
-class TaskHandle:
-    """What a task's application finds in ``environ["wsgi_async.task"]``."""
-
-    id: str
-    attempt: int = 1
-
-    @property
-    def replayed(self) -> bool:
-        return self.attempt > 1
 
 
 def _read_up_to(stream: IO[bytes], limit: int) -> bytes:

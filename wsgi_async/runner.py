@@ -14,8 +14,15 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from .capture import capture
-from .errors import RegistryError, ResponseError, ResultTooLarge, TaskTimeout
-from .model import RequestSnapshot, StoredResponse, TaskRecord, TaskStatus, error_response
+from .errors import RegistryError, ResponseError, ResultTooLarge, TaskCancelled, TaskTimeout
+from .model import (
+    RequestSnapshot,
+    StoredResponse,
+    TaskRecord,
+    TaskStatus,
+    cancelled_response,
+    error_response,
+)
 from .registry.base import Registry
 from .request import TaskHandle, task_environ
 from .supervisor import Supervisor
@@ -59,10 +66,10 @@ class TaskRunner:
         deadline = None if record.timeout is None else began + record.timeout
         if deadline is not None:
             self.supervisor.watch(task_id, deadline)
-        environ = task_environ(
-            request, TaskHandle(task_id, record.attempts), multiprocess=multiprocess
-        )
+        handle = TaskHandle(task_id, record.attempts, registry=self.registry, worker=worker)
+        environ = task_environ(request, handle, multiprocess=multiprocess)
         status, response = self._drive(task_id, record.route, environ, deadline)
+        handle.flush()  # the latest progress lands before the result
         stored = self._store(task_id, worker, status, response)
         if isinstance(stored, StoredResponse):  # the registry stored this failure instead
             status, response, stored = TaskStatus.FAILED, stored, True
@@ -94,6 +101,9 @@ class TaskRunner:
             return TaskStatus.FAILED, error_response(
                 504, "The task ran past its timeout.", id=task_id, reason="timeout"
             )
+        except TaskCancelled:
+            # The application stopped because its handle said so: nothing to log as an error.
+            return TaskStatus.CANCELLED, cancelled_response(task_id)
         except ResultTooLarge as exc:
             log.error("wsgi_async: task %s route=%s: %s", task_id, route, exc)
             return TaskStatus.FAILED, error_response(

@@ -145,6 +145,18 @@ class Registry(TaskQueue, Protocol):
         """Mark a pending task failed with ``response`` whoever holds it."""
         ...
 
+    def progress(self, task_id: str, worker: str, document: dict[str, object]) -> bool:
+        """Store the progress ``document`` of a task that ``worker`` is running.
+
+        Returns ``False`` (and changes nothing) when the task no longer runs
+        under ``worker``: cancelled, timed out or reaped.
+        """
+        ...
+
+    def is_running(self, task_id: str, worker: str) -> bool:
+        """Whether the task still runs under ``worker`` (a handle's cancellation check)."""
+        ...
+
     def wait(self, task_id: str, timeout: float) -> TaskRecord | None:
         """Block until the task is final or ``timeout`` seconds pass; return it."""
         ...

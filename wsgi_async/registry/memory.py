@@ -149,6 +149,20 @@ class MemoryRegistry:
             self._settle_locked(record, TaskStatus.FAILED, response)
             return True
 
+    def progress(self, task_id: str, worker: str, document: dict[str, object]) -> bool:
+        with self._lock:
+            record = self._tasks.get(task_id)
+            if record is None or record.status is not TaskStatus.RUNNING or record.worker != worker:
+                return False
+            record.progress = document
+            return True
+
+    def is_running(self, task_id: str, worker: str) -> bool:
+        with self._lock:
+            record = self._tasks.get(task_id)
+            return (record is not None and record.status is TaskStatus.RUNNING
+                    and record.worker == worker)
+
     def wait(self, task_id: str, timeout: float) -> TaskRecord | None:
         deadline = time.monotonic() + max(0.0, timeout)
         with self._lock:
@@ -214,6 +228,7 @@ class MemoryRegistry:
                         record.status = TaskStatus.QUEUED
                         record.worker = worker
                         record.started_at = None
+                        record.progress = None
                         self._held.setdefault(worker, set()).add(task_id)
                         requeued.append(record.copy())
                     else:

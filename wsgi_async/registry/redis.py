@@ -92,6 +92,7 @@ class RedisRegistry:
         self._start = script(lua.PREAMBLE + lua.START)
         self._finish = script(lua.PREAMBLE + lua.FINISH)
         self._fail = script(lua.PREAMBLE + lua.FAIL)
+        self._progress = script(lua.PREAMBLE + lua.PROGRESS)
         self._delete = script(lua.PREAMBLE + lua.DELETE)
         self._heartbeat = script(lua.PREAMBLE + lua.HEARTBEAT)
         self._dead = script(lua.PREAMBLE + lua.DEAD)
@@ -212,6 +213,16 @@ class RedisRegistry:
         args: list[str | bytes] = [self.prefix, task_id, response.headers_json(), response.body]
         with self._guard("fail a task"):
             return bool(self._fail(keys=[self._task(task_id)], args=args))
+
+    def progress(self, task_id: str, worker: str, document: dict[str, object]) -> bool:
+        args = [self.prefix, worker, lua.FIELDS_JSON(document)]
+        with self._guard("store progress"):
+            return bool(self._progress(keys=[self._task(task_id)], args=args))
+
+    def is_running(self, task_id: str, worker: str) -> bool:
+        with self._guard("read a task"):
+            status, holder = self.client.hmget(self._task(task_id), "status", "worker")
+        return status == b"running" and holder == worker.encode()
 
     def wait(self, task_id: str, timeout: float) -> TaskRecord | None:
         """Block until the task settles, woken through pub/sub, never by polling."""

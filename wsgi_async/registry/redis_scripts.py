@@ -14,7 +14,7 @@ from .base import StoredResponse, TaskRecord, TaskStatus
 
 __all__ = [
     "CREATE", "DEAD", "DELETE", "EXPIRE", "FAIL", "FIELDS_JSON", "FINISH", "HEARTBEAT",
-    "PREAMBLE", "REAP", "START", "decode", "decode_json", "encode", "pairs",
+    "PREAMBLE", "PROGRESS", "REAP", "START", "decode", "decode_json", "encode", "pairs",
 ]
 
 # -- Lua ---------------------------------------------------------------------
@@ -127,6 +127,14 @@ settle(ARGV[2], ARGV[4], ARGV[5], ARGV[6])
 return 1
 """
 
+# Stored only while the task runs under the writer.  KEYS: task.  ARGV: prefix, worker, JSON.
+PROGRESS = """
+local s = redis.call('HMGET', KEYS[1], 'status', 'worker')
+if s[1] ~= 'running' or s[2] ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], 'progress', ARGV[3])
+return 1
+"""
+
 # KEYS: task.  ARGV: prefix, id, headers, body.
 FAIL = """
 local status = redis.call('HGET', KEYS[1], 'status')
@@ -199,7 +207,7 @@ local s = redis.call('HMGET', KEYS[1], 'status', 'worker', 'replay')
 if (s[1] == 'queued' or s[1] == 'running') and s[2] == dead then
   if s[3] == '1' and redis.call('EXISTS', P .. 'request:' .. id) == 1 then
     redis.call('HSET', KEYS[1], 'status', 'queued', 'worker', ARGV[4], 'claim', ARGV[7])
-    redis.call('HDEL', KEYS[1], 'started_at')
+    redis.call('HDEL', KEYS[1], 'started_at', 'progress')
     redis.call('SADD', P .. 'held:' .. ARGV[4], id)
     result = redis.call('HGETALL', KEYS[1])
   else
@@ -270,6 +278,7 @@ def decode(fields: Mapping[bytes, bytes]) -> TaskRecord:
     response = None
     if b"headers" in fields:
         response = StoredResponse.from_parts(fields[b"headers"].decode("utf-8"), fields[b"body"])
+    progress = get(b"progress")
     return TaskRecord(
         id=fields[b"id"].decode("utf-8"),
         route=fields[b"route"].decode("utf-8"),
@@ -285,6 +294,7 @@ def decode(fields: Mapping[bytes, bytes]) -> TaskRecord:
         timeout=None if timeout is None else float(timeout),
         result_ttl=float(fields[b"result_ttl"]),
         response=response,
+        progress=None if progress is None else json.loads(progress),
     )
 
 
@@ -311,4 +321,5 @@ def decode_json(data: bytes) -> TaskRecord:
         timeout=None if timeout is None else float(timeout),
         result_ttl=float(fields["result_ttl"]),
         response=response,
+        progress=None if "progress" not in fields else json.loads(fields["progress"]),
     )

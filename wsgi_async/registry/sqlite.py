@@ -260,10 +260,16 @@ class SQLiteRegistry:
 
     def get(self, task_id: str) -> TaskRecord | None:
         with self._read() as db:
-            row = db.execute(f"SELECT {COLUMNS} FROM tasks WHERE id = ?", (task_id,)).fetchone()
-        if row is None or schema.expired(row, time.time()):
+            row = db.execute(schema.GET, (task_id,)).fetchone()
+        if row is None:
             return None
-        return schema.record(row)
+        columns, progress = row[:-1], row[-1]
+        if schema.expired(columns, time.time()):
+            return None
+        record = schema.record(columns)
+        if progress is not None:
+            record.progress = json.loads(progress)
+        return record
 
     def request(self, task_id: str) -> RequestSnapshot | None:
         with self._read() as db:
@@ -316,6 +322,19 @@ class SQLiteRegistry:
         if settled:
             self._state().wakeups.publish([task_id])
         return settled
+
+    def progress(self, task_id: str, worker: str, document: dict[str, object]) -> bool:
+        data = json.dumps(document, separators=(",", ":"))
+        with self._write() as db:
+            return db.execute(schema.PROGRESS, (data, task_id, worker)).rowcount > 0
+
+    def is_running(self, task_id: str, worker: str) -> bool:
+        with self._read() as db:
+            row = db.execute(
+                "SELECT 1 FROM tasks WHERE id = ? AND status = 'running' AND worker = ?",
+                (task_id, worker),
+            ).fetchone()
+        return row is not None
 
     def wait(self, task_id: str, timeout: float) -> TaskRecord | None:
         return self.wait_if(task_id, timeout, None)
@@ -399,6 +418,7 @@ class SQLiteRegistry:
                             " WHERE id = ?",
                             (worker, task_id),
                         )
+                        db.execute("DELETE FROM progress WHERE id = ?", (task_id,))
                         row = db.execute(
                             f"SELECT {COLUMNS} FROM tasks WHERE id = ?", (task_id,)
                         ).fetchone()

@@ -9,8 +9,9 @@ from typing import Any
 from .base import StoredResponse, TaskRecord, TaskStatus
 
 __all__ = [
-    "CLAIMABLE", "COLUMNS", "INSERT", "MIGRATIONS", "PENDING", "QUEUE_WAKEUP", "RETURNING",
-    "SCHEMA", "SCHEMA_VERSION", "START", "expire", "expired", "record", "settle",
+    "CLAIMABLE", "COLUMNS", "GET", "INSERT", "MIGRATIONS", "PENDING", "PROGRESS",
+    "QUEUE_WAKEUP", "RETURNING", "SCHEMA", "SCHEMA_VERSION", "START", "expire", "expired",
+    "record", "settle",
 ]
 
 SCHEMA_VERSION = 2
@@ -69,6 +70,11 @@ SCHEMA = (
         BEGIN UPDATE counters SET tasks = tasks + 1 WHERE id = 1; END""",
     """CREATE TRIGGER IF NOT EXISTS tasks_count_delete AFTER DELETE ON tasks
         BEGIN UPDATE counters SET tasks = tasks - 1 WHERE id = 1; END""",
+    # The progress of running tasks, beside the tasks (a new table needs no migration);
+    # a row goes with its task.
+    """CREATE TABLE IF NOT EXISTS progress (id TEXT PRIMARY KEY, document TEXT NOT NULL)""",
+    """CREATE TRIGGER IF NOT EXISTS tasks_progress_delete AFTER DELETE ON tasks
+        BEGIN DELETE FROM progress WHERE id = OLD.id; END""",
     f"PRAGMA user_version = {SCHEMA_VERSION}",
 )
 
@@ -102,6 +108,16 @@ QUEUE_WAKEUP = "wsgi-async:queue"
 START = (
     "UPDATE tasks SET status = 'running', started_at = ?, attempts = attempts + 1"
     " WHERE id = ? AND status = 'queued' AND worker = ?"
+)
+# A task read with its progress (the last column).
+GET = (
+    f"SELECT {COLUMNS}, (SELECT document FROM progress WHERE progress.id = tasks.id)"
+    " FROM tasks WHERE id = ?"
+)
+# Progress is stored only while the task runs under the writer.
+PROGRESS = (
+    "INSERT OR REPLACE INTO progress (id, document)"
+    " SELECT id, ? FROM tasks WHERE id = ? AND status = 'running' AND worker = ?"
 )
 RETURNING = sqlite3.sqlite_version_info >= (3, 35, 0)  # UPDATE ... RETURNING
 

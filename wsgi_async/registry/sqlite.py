@@ -411,6 +411,7 @@ class SQLiteRegistry:
                             " WHERE id = ?",
                             (task_id,),
                         )
+                        db.execute("DELETE FROM progress WHERE id = ?", (task_id,))
                         requeued_on_queue = True
                     elif replay and has_request:
                         db.execute(

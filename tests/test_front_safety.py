@@ -13,10 +13,12 @@ import json
 import logging
 from collections.abc import Iterable, Iterator
 from typing import Any
+from urllib.parse import urljoin, urlsplit
 from wsgiref.validate import validator
 
 import pytest
 from webtest import TestApp
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from wsgi_async import AsyncMiddleware
 from wsgi_helpers import Environ, client, echo_app, read_body, wait_result
@@ -72,6 +74,52 @@ def counting(calls: list[bytes]) -> Any:
         return [b"echo:", body]
 
     return app
+
+
+# -- 5. Location never points to another host -------------------------------------------------
+
+
+def assert_same_host(asked: str, location: str) -> None:
+    """``location`` resolved against ``asked`` stays on ``asked``'s host, as browsers see it."""
+    if not urlsplit(location).scheme:  # browsers read "///host" and "/\\host" as "//host"
+        assert location[:1] == "/" and location[1:2] not in ("/", "\\"), location
+    resolved = urlsplit(urljoin(asked, location))
+    assert resolved.netloc == urlsplit(asked).netloc, location
+    assert "\\" not in location, location
+    assert not resolved.path.startswith("//"), location
+
+
+@pytest.mark.parametrize(
+    "script_name", ["//evil.example", "///evil.example/", "//evil.example/app", "/\\evil.example"]
+)
+def test_location_stays_on_the_host_that_was_asked(
+    cleanup: list[AsyncMiddleware], script_name: str
+) -> None:
+    _, app = make(cleanup, echo_app)
+    res = app.post("/async", b"", extra_environ={"SCRIPT_NAME": script_name}, status=202)
+    assert_same_host("http://localhost/async", res.headers["Location"])
+    assert res.json["location"] == res.headers["Location"]
+    task = "/_async/tasks/" + res.json["id"]
+    pending = app.get(task, extra_environ={"SCRIPT_NAME": script_name}, status="*")
+    if pending.status_int == 202:
+        assert_same_host("http://localhost/async", pending.headers["Location"])
+
+
+def test_location_through_proxyfix_stays_on_the_host(cleanup: list[AsyncMiddleware]) -> None:
+    middleware = AsyncMiddleware(validator(echo_app), routes=[r"^/async"])
+    cleanup.append(middleware)
+    app = TestApp(validator(ProxyFix(validator(middleware), x_prefix=1)))
+    for prefix in ("//evil.example", "//evil.example/", "/app//x", "////evil.example"):
+        res = app.post("/async", b"", headers={"X-Forwarded-Prefix": prefix}, status=202)
+        assert_same_host("http://localhost/async", res.headers["Location"])
+    res = app.post("/async", b"", headers={"X-Forwarded-Prefix": "/app"}, status=202)
+    assert urlsplit(res.headers["Location"]).path.startswith("/app/_async/tasks/")
+
+
+@pytest.mark.parametrize("status_path", ["//evil.example/tasks", "///tasks"])
+def test_a_status_path_of_another_host_is_refused(status_path: str) -> None:
+    with pytest.raises(ValueError, match="status_path"):
+        AsyncMiddleware(echo_app, routes=[r"^/async"], status_path=status_path)
 
 
 # -- 9. The log cannot be forged -----------------------------------------------------------------

@@ -214,7 +214,10 @@ def _status_path(value: object) -> str:
     if not isinstance(value, str):
         raise TypeError(f"status_path must be a str, got {value!r}")
     path = value.rstrip("/")
-    if not path.startswith("/") or not re.fullmatch(r"[A-Za-z0-9._~!$&'()*+,;=:@%/-]+", path):
+    # "//host/..." would be a URL of another host.
+    if not path.startswith("/") or path.startswith("//") or not re.fullmatch(
+        r"[A-Za-z0-9._~!$&'()*+,;=:@%/-]+", path
+    ):
         raise ValueError(
             f"status_path must be an absolute URL path like '/_async/tasks', got {value!r}"
         )

@@ -148,5 +148,10 @@ def task_url(environ: WSGIEnvironment, status_path: str, task_id: str) -> str:
 
 @functools.lru_cache(maxsize=64)
 def _quoted_mount(script_name: str) -> str:
-    """``SCRIPT_NAME`` quoted for a URL; an application has few mount points."""
-    return quote(script_name.rstrip("/"), safe="/:@!$&'()*+,;=~")
+    """``SCRIPT_NAME`` quoted for a URL; an application has few mount points.
+
+    Leading slashes collapse into one: ``//evil.example`` (from a proxy's
+    ``X-Forwarded-Prefix``, say) would make the URL point to another host.
+    """
+    mount = quote(script_name.strip("/"), safe="/:@!$&'()*+,;=~")
+    return f"/{mount}" if mount else ""

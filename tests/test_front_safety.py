@@ -12,6 +12,7 @@ import io
 import json
 import logging
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 from wsgiref.validate import validator
@@ -76,6 +77,54 @@ def counting(calls: list[bytes]) -> Any:
     return app
 
 
+# -- 4. Idempotency keys never cross callers --------------------------------------------------
+
+
+def test_idempotency_keys_without_owner_are_scoped_by_credentials(
+    cleanup: list[AsyncMiddleware],
+) -> None:
+    calls: list[bytes] = []
+    _, app = make(cleanup, counting(calls))
+    key = {"Idempotency-Key": "pay-1"}
+    alice = app.post("/async", b"pay 10", headers={**key, "Authorization": "Bearer alice"})
+    bob = app.post("/async", b"pay 10", headers={**key, "Authorization": "Bearer bob"})
+    assert alice.headers["Location"] != bob.headers["Location"]  # bob never reads alice's result
+    # A different body under another caller's key is a new task, not a 422 telling the key is used.
+    carol = app.post("/async", b"pay 99", headers={**key, "Cookie": "session=carol"}, status=202)
+    retry = app.post("/async", b"pay 10", headers={**key, "Authorization": "Bearer alice"})
+    assert retry.headers["Location"] == alice.headers["Location"]
+    app.post("/async", b"pay 11", headers={**key, "Authorization": "Bearer alice"}, status=422)
+    for res in (alice, bob, carol):
+        wait_result(app, res.headers["Location"], status=201)
+    assert sorted(calls) == [b"pay 10", b"pay 10", b"pay 99"]
+
+
+def test_credentials_are_never_stored_in_clear(
+    cleanup: list[AsyncMiddleware], tmp_path: Path
+) -> None:
+    _, app = make(cleanup, echo_app, registry=f"sqlite:///{tmp_path / 'tasks.db'}")
+    secret = "Bearer token-5f0e8a11c0ffee"
+    headers = {"Idempotency-Key": "k", "Authorization": secret, "Cookie": "sid=cookie-77aa91"}
+    location = app.post("/async", b"x", headers=headers).headers["Location"]
+    wait_result(app, location, status=201)
+    stored = b"".join(path.read_bytes() for path in tmp_path.iterdir() if path.is_file())
+    assert b"token-5f0e8a11c0ffee" not in stored and b"cookie-77aa91" not in stored
+
+
+def test_idempotency_keys_with_an_owner_follow_the_owner(cleanup: list[AsyncMiddleware]) -> None:
+    calls: list[bytes] = []
+    _, app = make(cleanup, counting(calls), owner=lambda environ: environ.get("HTTP_X_USER"))
+    first = app.post("/async", b"a", headers={"Idempotency-Key": "k", "X-User": "alice",
+                                              "Cookie": "rotating=1"})
+    # The owner is the caller: a rotated cookie does not make a retry a new task.
+    again = app.post("/async", b"a", headers={"Idempotency-Key": "k", "X-User": "alice",
+                                              "Cookie": "rotating=2"})
+    other = app.post("/async", b"a", headers={"Idempotency-Key": "k", "X-User": "mallory"})
+    assert first.headers["Location"] == again.headers["Location"] != other.headers["Location"]
+    app.get(first.headers["Location"], headers={"X-User": "alice", "Prefer": "wait=10"},
+            status=201)
+
+
 # -- 5. Location never points to another host -------------------------------------------------
 
 
@@ -84,7 +133,7 @@ def assert_same_host(asked: str, location: str) -> None:
     if not urlsplit(location).scheme:  # browsers read "///host" and "/\\host" as "//host"
         assert location[:1] == "/" and location[1:2] not in ("/", "\\"), location
     resolved = urlsplit(urljoin(asked, location))
-    assert resolved.netloc == urlsplit(asked).netloc, location
+    assert resolved.hostname == urlsplit(asked).hostname, location
     assert "\\" not in location, location
     assert not resolved.path.startswith("//"), location
 

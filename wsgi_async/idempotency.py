@@ -1,6 +1,7 @@
 """``Idempotency-Key``: a retried submit gets the task its first try created.
 
-A key is scoped to its caller (:func:`scoped_key`), and a task remembers a
+A key is scoped to its caller (:func:`caller_scope`: the owner, or else the
+request's credentials; :func:`scoped_key`), and a task remembers a
 :func:`fingerprint` of its request, so that the same key sent with a
 different request is told apart (``422``) rather than answered with
 another request's task.
@@ -46,3 +47,19 @@ def fingerprint(request: RequestSnapshot) -> str:
 def scoped_key(owner: str | None, key: str) -> str:
     """An idempotency key is only shared by requests of the same owner."""
     return hashlib.sha256(f"{owner or ''}\0{key}".encode()).hexdigest()
+
+
+def caller_scope(environ: WSGIEnvironment, owner: str | None) -> str:
+    """Who may share an idempotency key: the owner, else the request's credentials.
+
+    Without an owner, two callers are the same one only if they send the same
+    ``Authorization`` and ``Cookie``: a key never crosses callers.  The
+    credentials are hashed here and never kept in clear.
+    """
+    if owner is not None:
+        return owner
+    credentials = "\0".join(
+        str(environ.get(name, "")) for name in ("HTTP_AUTHORIZATION", "HTTP_COOKIE")
+    )
+    digest = hashlib.sha256(credentials.encode("utf-8", "surrogateescape")).hexdigest()
+    return f"credentials:{digest}"

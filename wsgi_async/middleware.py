@@ -16,7 +16,7 @@ from collections.abc import Iterable
 
 from .config import DEFAULTS, Executor, Options, OwnerFunc, Route, RouteSpec, build_options
 from .executor import WorkerPool, check_uwsgi_threads, uwsgi_processes
-from .idempotency import parse_idempotency_key, scoped_key
+from .idempotency import caller_scope, parse_idempotency_key, scoped_key
 from .logsafe import printable
 from .model import TaskRecord
 from .prefer import Preferences, parse_prefer
@@ -184,7 +184,7 @@ class AsyncMiddleware:
         try:
             stored, outcome = self.service.submit(
                 route, snapshot(environ, body), owner=owner,
-                key=None if key is None else scoped_key(owner, key),
+                key=None if key is None else scoped_key(caller_scope(environ, owner), key),
                 multiprocess=bool(environ.get("wsgi.multiprocess", False)),
             )
         except Refused as refusal:

@@ -16,13 +16,14 @@ from conftest import _cleanup, make_registry, new_task
 from wsgi_async import QueueFull, RegistryError
 from wsgi_async.registry import MemoryRegistry, Registry, TaskStatus
 from wsgi_async.registry.base import RequestSnapshot, StoredResponse
+from wsgi_async.registry.redis import RedisRegistry
 
 ROUTE = "^/r"
 REQUEST = RequestSnapshot({"REQUEST_METHOD": "POST", "PATH_INFO": "/r"}, b"\x00body\xff")
 OK = StoredResponse("200 OK", (("Content-Type", "text/plain"),), b"ok")
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "redis"])
 def queue(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Registry]:
     registry = make_registry(str(request.param), tmp_path)
     assert registry.capabilities.queue
@@ -147,3 +148,42 @@ def test_a_dead_workers_unstarted_claim_goes_back_on_the_queue(queue: Registry) 
     assert queue.reap("web") == []
     (claimed,) = queue.claim("w2", [ROUTE], 1, 2, 5)
     assert claimed.record.id == stored.id
+
+
+@pytest.fixture
+def redis_queue(tmp_path: Path) -> Iterator[RedisRegistry]:
+    registry = make_registry("redis", tmp_path)
+    assert isinstance(registry, RedisRegistry)
+    yield registry
+    _cleanup(registry)
+
+
+def test_redis_stream_keeps_only_unacknowledged_entries(redis_queue: RedisRegistry) -> None:
+    stream = redis_queue.prefix + "stream:" + ROUTE
+    ids = [redis_queue.enqueue(new_task(), REQUEST, max_queued=10).id for _ in range(4)]
+    assert redis_queue.client.xlen(stream) == 4
+    claimed = redis_queue.claim("w1", [ROUTE], 3, 0, 5)
+    for task in claimed:
+        redis_queue.start(task.record.id, "w1")
+        redis_queue.finish(task.record.id, "w1", TaskStatus.DONE, OK)
+    assert redis_queue.client.xlen(stream) == 1  # acknowledged entries are deleted
+    redis_queue.delete(ids[-1] if ids[-1] not in {c.record.id for c in claimed} else ids[0])
+    assert redis_queue.client.xlen(stream) == 0
+    assert redis_queue.queued() == 0
+    assert redis_queue.client.xpending(stream, "workers")["pending"] == 0
+
+
+def test_redis_entry_read_by_a_lost_consumer_is_autoclaimed(redis_queue: RedisRegistry) -> None:
+    stored = redis_queue.enqueue(new_task(), REQUEST, max_queued=10)
+    stream = redis_queue.prefix + "stream:" + ROUTE
+    # A worker read the entry and died before it claimed the task.
+    redis_queue.client.xreadgroup("workers", "ghost", {stream: ">"}, count=1)
+    assert redis_queue.claim("w2", [ROUTE], 1, 0, 0.3) == []
+    time.sleep(0.4)
+    (claimed,) = make_registry_like(redis_queue).claim("w2", [ROUTE], 1, 0, 0.3)
+    assert claimed.record.id == stored.id and claimed.request == REQUEST
+
+
+def make_registry_like(registry: RedisRegistry) -> RedisRegistry:
+    """Another process's view of the same Redis registry (its own XAUTOCLAIM clock)."""
+    return RedisRegistry(registry.client, prefix=registry.prefix)

@@ -137,7 +137,7 @@ def drop_keys(prefix: str) -> None:
             keys.delete(key)
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "redis"])
 def registry_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A fresh SQLite file, or a fresh key prefix on the test Redis (dropped after)."""
     prefix = f"wsgi-async-workers-{secrets.token_hex(4)}:"

@@ -45,12 +45,12 @@ class _Claimed:
         try:
             self.worker.service.runner.run(self.task_id, self.request, multiprocess=True)
         finally:
-            self.worker.slots.release()
+            self.worker.done()
 
     def cancel(self, reason: str) -> None:
-        # Never queued behind a busy thread (one claim per free thread): nothing to
-        # undo; the claim lapses with this process's lease and another worker takes it.
-        self.worker.slots.release()
+        # Left claimed: the claim lapses with this process's lease and another worker
+        # takes it over (it never started, so it goes back on the queue).
+        self.worker.done()
 
 
 class Worker:
@@ -74,12 +74,26 @@ class Worker:
         self.routes = tuple(routes)
         self.grace = grace
         self.threads = service.options.max_workers
-        self.slots = threading.Semaphore(self.threads)
+        self._busy = 0  # claimed tasks not yet ended
+        self._idle = threading.Condition()
         self._stopping = threading.Event()
 
     def stop(self) -> None:
         """Stop claiming (safe from a signal handler); :meth:`run` then drains and returns."""
         self._stopping.set()
+
+    def done(self) -> None:
+        """A claimed task ended: its thread may claim another."""
+        with self._idle:
+            self._busy -= 1
+            self._idle.notify()
+
+    def _room(self) -> int:
+        """Free threads, waiting up to :data:`CLAIM_WAIT` for one."""
+        with self._idle:
+            if self._busy >= self.threads:
+                self._idle.wait(CLAIM_WAIT)
+            return max(0, self.threads - self._busy)
 
     @property
     def stopping(self) -> bool:
@@ -97,32 +111,30 @@ class Worker:
                  service.worker_id(), ", ".join(self.routes), self.threads)
         delay = BACKOFF_MIN
         while not self._stopping.is_set():
-            if not self.slots.acquire(timeout=CLAIM_WAIT):
+            room = self._room()
+            if room < 1:
                 continue
-            room = 1
-            while room < self.threads and self.slots.acquire(blocking=False):
-                room += 1
             try:
                 claimed = service.registry.claim(
                     service.worker_id(), self.routes, room,
                     0.0 if self._stopping.is_set() else CLAIM_WAIT, service.options.lease_time,
                 )
             except RegistryError as exc:
-                for _ in range(room):
-                    self.slots.release()
                 log.warning("wsgi_async: cannot claim tasks, retrying in %.1fs: %s", delay, exc)
                 self._stopping.wait(delay)
                 delay = min(delay * 2, BACKOFF_MAX)
                 continue
             delay = BACKOFF_MIN
-            for _ in range(room - len(claimed)):
-                self.slots.release()
+            # A read of several streams may bring a few more than ``room``: they wait
+            # in this process's pool for a busy thread.
+            with self._idle:
+                self._busy += len(claimed)
             for task in claimed:
                 try:
                     service.pool.submit(_Claimed(self, task.record.id, task.request))
                 except (QueueFull, RuntimeError) as exc:
                     # Left claimed: this process's lease lapses and another takes it over.
-                    self.slots.release()
+                    self.done()
                     log.error("wsgi_async: cannot run claimed task %s: %s", task.record.id, exc)
         log.info("wsgi_async: worker %s stops claiming; waiting up to %.0fs for running tasks",
                  service.worker_id(), self.grace)

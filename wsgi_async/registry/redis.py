@@ -8,6 +8,9 @@ Keys (all under ``prefix``)::
     tasks           zset   task ids by expiry time (+inf while pending)
     workers         zset   worker ids by lease expiry
     held:<worker>   set    ids of the pending tasks a worker holds
+    stream:<route>  stream the queue of a route (executor="workers"), consumer group
+                    ``workers``; an entry is acknowledged and deleted when its task ends
+    queued          string how many tasks of the queue wait for a worker (max_queued)
     done            channel ids of tasks that settled or were deleted
 
 Every transition is one Lua script (in :mod:`.redis_scripts`), so it is atomic
@@ -29,7 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import ClassVar, cast
+from typing import Any, ClassVar, cast
 
 try:
     import redis
@@ -44,6 +47,7 @@ from . import redis_scripts as lua
 from .base import (
     Capabilities,
     Claimed,
+    QueueFull,
     RegistryError,
     RegistryFull,
     RegistryUnavailable,
@@ -61,6 +65,8 @@ __all__ = ["RedisRegistry"]
 # Errors that mean "Redis cannot be reached right now" (BusyLoadingError is a
 # ConnectionError; READONLY is what a demoted primary answers after failover).
 _UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError)
+# The longest blocking read of the queue: well within the client's socket timeout.
+MAX_BLOCK = 2.0
 
 
 class RedisRegistry:
@@ -71,7 +77,7 @@ class RedisRegistry:
     """
 
     capabilities: ClassVar[Capabilities] = Capabilities(
-        shared=True, queue=False, blocking_wait=True
+        shared=True, queue=True, blocking_wait=True
     )
 
     def __init__(
@@ -98,6 +104,9 @@ class RedisRegistry:
         self._dead = script(lua.PREAMBLE + lua.DEAD)
         self._reap = script(lua.PREAMBLE + lua.REAP)
         self._expire = script(lua.PREAMBLE + lua.EXPIRE)
+        self._claim = script(lua.PREAMBLE + lua.CLAIM)
+        self._groups: set[str] = set()  # streams whose consumer group this process made
+        self._next_autoclaim = 0.0
 
     @classmethod
     def from_url(
@@ -140,8 +149,20 @@ class RedisRegistry:
         request: RequestSnapshot | None = None,
         idempotency_key: str | None = None,
     ) -> TaskRecord:
+        return self._insert(record, request, idempotency_key, None)
+
+    def _insert(
+        self,
+        record: TaskRecord,
+        request: RequestSnapshot | None,
+        idempotency_key: str | None,
+        max_queued: int | None,
+    ) -> TaskRecord:
         if math.isnan(record.result_ttl):
             raise ValueError(f"result_ttl must be a number of seconds, got {record.result_ttl!r}")
+        if max_queued is not None:  # on the queue: no one holds it yet
+            record = record.copy()
+            record.worker = None
         fields = lua.encode(record, idempotency_key)
         body = fields.pop("body", b"")
         args: list[str | bytes | int] = [
@@ -152,14 +173,19 @@ class RedisRegistry:
             "" if request is None else request.to_json(),
             lua.FIELDS_JSON(fields),
             body,
+            "" if max_queued is None else max_queued,
         ]
         with self._guard("create a task"):
             reply = self._create(keys=[self._task(record.id)], args=args)
         if reply[0] == b"full":
             raise RegistryFull(f"the registry holds its maximum of {self.max_tasks} tasks")
+        if reply[0] == b"busy":
+            raise QueueFull(f"max_queued ({max_queued}) tasks wait for a worker")
         if reply[0] == b"existing":
             return lua.decode(lua.pairs(reply[1]))
         return record.copy()
+
+    # -- the queue: Redis Streams, one per route, one consumer group --------------
 
     def enqueue(
         self,
@@ -169,15 +195,95 @@ class RedisRegistry:
         *,
         max_queued: int,
     ) -> TaskRecord:
-        raise RegistryError("the Redis registry's queue is not available yet")
+        """``create``, plus an ``XADD`` to the route's stream, in the same script."""
+        return self._insert(record, request, idempotency_key, max_queued)
 
     def claim(
         self, worker: str, routes: Sequence[str], limit: int, wait: float, lease: float
     ) -> list[Claimed]:
-        raise RegistryError("the Redis registry's queue is not available yet")
+        """Read new entries (``XREADGROUP``, blocking) or a lost consumer's (``XAUTOCLAIM``).
+
+        Each entry then becomes a claim in one script that makes ``worker`` the
+        task's holder; the entry stays pending (unacknowledged) until the
+        task's final state is stored.  ``worker`` is the consumer's name.
+        """
+        if limit < 1 or not routes:
+            return []
+        streams = [self.prefix + "stream:" + route for route in routes]
+        with self._guard("claim tasks"):
+            self._make_groups(streams)
+            entries = self._autoclaim(worker, streams, limit, lease)
+            if not entries:
+                entries = self._read(worker, streams, limit, wait)
+            if not entries:
+                return []
+            with self.client.pipeline(transaction=False) as pipe:
+                for stream, entry, task_id in entries:
+                    self._claim(keys=[self._task(task_id)],
+                                args=[self.prefix, task_id, entry, stream, worker], client=pipe)
+                replies = pipe.execute()
+        claimed = []
+        for reply in replies:
+            if not isinstance(reply, list):
+                continue
+            record = lua.decode(lua.pairs(reply[0]))
+            if reply[1] is None:  # cannot happen through enqueue; never run blind
+                self.fail(record.id, lost_worker_response(record.id))
+                continue
+            claimed.append(Claimed(record, RequestSnapshot.from_json(reply[1])))
+        return claimed
 
     def queued(self) -> int:
-        return 0
+        with self._guard("count queued tasks"):
+            return int(cast("bytes | None", self.client.get(self.prefix + "queued")) or 0)
+
+    def _make_groups(self, streams: list[str]) -> None:
+        for stream in streams:
+            if stream in self._groups:
+                continue
+            try:
+                self.client.xgroup_create(stream, lua.GROUP, id="0", mkstream=True)
+            except redis.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+            self._groups.add(stream)
+
+    def _autoclaim(
+        self, worker: str, streams: list[str], limit: int, lease: float
+    ) -> list[tuple[str, str, str]]:
+        """Entries pending longer than ``lease`` for a consumer (a lost worker), at most
+        once per third of ``lease`` per process."""
+        now = time.monotonic()
+        if now < self._next_autoclaim:
+            return []
+        self._next_autoclaim = now + lease / 3
+        found: list[tuple[str, str, str]] = []
+        for stream in streams:
+            reply = self.client.xautoclaim(stream, lua.GROUP, worker,
+                                           min_idle_time=max(1, int(lease * 1000)),
+                                           start_id="0-0", count=limit - len(found))
+            found.extend(_entries(stream, reply[1]))
+            if len(found) >= limit:
+                break
+        return found
+
+    def _read(
+        self, worker: str, streams: list[str], limit: int, wait: float
+    ) -> list[tuple[str, str, str]]:
+        # Never block past the socket timeout; 0 would block forever in XREADGROUP.
+        block = int(min(wait, MAX_BLOCK) * 1000)
+        try:
+            reply = self.client.xreadgroup(lua.GROUP, worker, dict.fromkeys(streams, ">"),
+                                           count=limit, block=block if block > 0 else None)
+        except redis.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            self._groups.clear()  # the stream was deleted: make the groups again next time
+            return []
+        found: list[tuple[str, str, str]] = []
+        for stream, items in cast("list[tuple[bytes, Any]]", reply or []):
+            found.extend(_entries(stream.decode(), items))
+        return found
 
     def get(self, task_id: str) -> TaskRecord | None:
         with self._guard("read a task"):
@@ -368,6 +474,16 @@ if hasattr(os, "register_at_fork"):
 def _token() -> str:
     """Names one call of a script, so that the same call re-sent is recognised."""
     return secrets.token_hex(8)
+
+
+def _entries(stream: str, items: Any) -> list[tuple[str, str, str]]:
+    """``(stream, entry id, task id)`` of stream entries as redis-py gives them."""
+    found = []
+    for entry, fields in items:
+        if not fields or b"id" not in fields:  # deleted meanwhile
+            continue
+        found.append((stream, entry.decode(), fields[b"id"].decode()))
+    return found
 
 
 def _check_options(prefix: str, max_tasks: int) -> None:

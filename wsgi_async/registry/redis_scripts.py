@@ -13,8 +13,9 @@ from collections.abc import Mapping, Sequence
 from .base import StoredResponse, TaskRecord, TaskStatus
 
 __all__ = [
-    "CREATE", "DEAD", "DELETE", "EXPIRE", "FAIL", "FIELDS_JSON", "FINISH", "HEARTBEAT",
-    "PREAMBLE", "PROGRESS", "REAP", "START", "decode", "decode_json", "encode", "pairs",
+    "CLAIM", "CREATE", "DEAD", "DELETE", "EXPIRE", "FAIL", "FIELDS_JSON", "FINISH", "GROUP",
+    "HEARTBEAT", "PREAMBLE", "PROGRESS", "REAP", "START", "decode", "decode_json", "encode",
+    "pairs",
 ]
 
 # -- Lua ---------------------------------------------------------------------
@@ -29,11 +30,41 @@ local function clock()
 end
 local function stamp(x) return string.format('%.6f', x) end
 
+-- A task of the queue (executor="workers") leaves it: it no longer counts as
+-- queued, and its stream entry is acknowledged and deleted (the stream only holds
+-- entries not yet acknowledged, so it never grows without bound).
+local function unqueue(task, status, route)
+  local q = redis.call('HMGET', task, 'queue', 'entry')
+  if q[1] ~= '1' then return end
+  if status == 'queued' then redis.call('DECR', P .. 'queued') end
+  if q[2] then
+    local stream = P .. 'stream:' .. route
+    redis.call('XACK', stream, 'workers', q[2])
+    redis.call('XDEL', stream, q[2])
+    redis.call('HDEL', task, 'entry')
+  end
+end
+
+-- Put a task of the queue back on it with a new entry (its holder was lost).
+local function requeue(task, id, status, route)
+  redis.call('HSET', task, 'status', 'queued')
+  redis.call('HDEL', task, 'worker', 'started_at')
+  local entry = redis.call('HGET', task, 'entry')
+  local stream = P .. 'stream:' .. route
+  if entry then
+    redis.call('XACK', stream, 'workers', entry)
+    redis.call('XDEL', stream, entry)
+  end
+  if status ~= 'queued' then redis.call('INCR', P .. 'queued') end
+  redis.call('HSET', task, 'entry', redis.call('XADD', stream, '*', 'id', id))
+end
+
 -- Store a final state, drop the task's bookkeeping, start its TTL, announce it.
 local function settle(id, status, headers, body)
   local task = P .. 'task:' .. id
   local now = clock()
-  local f = redis.call('HMGET', task, 'worker', 'idem', 'result_ttl')
+  local f = redis.call('HMGET', task, 'worker', 'idem', 'result_ttl', 'status', 'route')
+  unqueue(task, f[4], f[5])
   redis.call('HSET', task, 'status', status, 'headers', headers, 'body', body,
              'finished_at', stamp(now))
   if f[1] then redis.call('SREM', P .. 'held:' .. f[1], id) end
@@ -56,7 +87,8 @@ end
 # The record's text fields travel as one JSON object: every argument costs the
 # client as much as a short round trip's worth of packing.
 # KEYS: task.  ARGV: prefix, id, max_tasks, 'k' .. key or '', request or '',
-# fields (JSON object of strings), body (stored only when the fields have headers).
+# fields (JSON object of strings), body (stored only when the fields have headers),
+# max_queued or '' (a task of the queue: added to its route's stream, bounded).
 CREATE = """
 local id, has_key = ARGV[2], ARGV[4] ~= ''
 local key = string.sub(ARGV[4], 2)
@@ -70,6 +102,10 @@ end
 local index = P .. 'tasks'
 redis.call('ZREMRANGEBYSCORE', index, '-inf', stamp(clock()))
 if redis.call('ZCARD', index) >= tonumber(ARGV[3]) then return {'full'} end
+local queue = ARGV[8] ~= nil and ARGV[8] ~= ''
+if queue and tonumber(redis.call('GET', P .. 'queued') or '0') >= tonumber(ARGV[8]) then
+  return {'busy'}
+end
 local fields = cjson.decode(ARGV[6])
 local flat = {}
 for name, value in pairs(fields) do
@@ -86,6 +122,14 @@ redis.call('ZADD', index, '+inf', id)
 if ARGV[5] ~= '' then redis.call('SET', P .. 'request:' .. id, ARGV[5]) end
 if has_key then redis.call('SET', P .. 'key:' .. key, id) end
 if fields['worker'] then redis.call('SADD', P .. 'held:' .. fields['worker'], id) end
+if queue then
+  local stream = P .. 'stream:' .. fields['route']
+  if redis.call('EXISTS', stream) == 0 then
+    redis.call('XGROUP', 'CREATE', stream, 'workers', '0', 'MKSTREAM')
+  end
+  redis.call('HSET', KEYS[1], 'queue', '1', 'entry', redis.call('XADD', stream, '*', 'id', id))
+  redis.call('INCR', P .. 'queued')
+end
 return {'created'}
 """
 
@@ -101,6 +145,7 @@ if s[1] ~= 'queued' or s[2] ~= ARGV[2] then
 else
   redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', stamp(clock()), 'claim', ARGV[3])
   redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+  if redis.call('HGET', KEYS[1], 'queue') == '1' then redis.call('DECR', P .. 'queued') end
 end
 -- The text fields as one JSON object: far cheaper for the client to read than a
 -- flat list (the raw body, if any, cannot travel in JSON: then the flat list).
@@ -147,7 +192,8 @@ return 1
 DELETE = """
 local id = ARGV[2]
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-local f = redis.call('HMGET', KEYS[1], 'worker', 'idem')
+local f = redis.call('HMGET', KEYS[1], 'worker', 'idem', 'status', 'route')
+unqueue(KEYS[1], f[3], f[4])
 if f[1] then redis.call('SREM', P .. 'held:' .. f[1], id) end
 if f[2] and redis.call('GET', P .. 'key:' .. f[2]) == id then
   redis.call('DEL', P .. 'key:' .. f[2])
@@ -203,9 +249,15 @@ if not lease or tonumber(lease) > clock() then return false end
 local held = P .. 'held:' .. dead
 if redis.call('SREM', held, id) == 0 then return false end
 local result = false
-local s = redis.call('HMGET', KEYS[1], 'status', 'worker', 'replay')
+local s = redis.call('HMGET', KEYS[1], 'status', 'worker', 'replay', 'queue', 'route')
 if (s[1] == 'queued' or s[1] == 'running') and s[2] == dead then
-  if s[3] == '1' and redis.call('EXISTS', P .. 'request:' .. id) == 1 then
+  local has_request = redis.call('EXISTS', P .. 'request:' .. id) == 1
+  if s[4] == '1' and has_request and (s[1] == 'queued' or s[3] == '1') then
+    -- Back on the queue for any worker (never handed to the reaper: it may be a
+    -- web process); a claim that never started goes back even without replay.
+    requeue(KEYS[1], id, s[1], s[5])
+    result = 2
+  elseif s[3] == '1' and has_request then
     redis.call('HSET', KEYS[1], 'status', 'queued', 'worker', ARGV[4], 'claim', ARGV[7])
     redis.call('HDEL', KEYS[1], 'started_at', 'progress')
     redis.call('SADD', P .. 'held:' .. ARGV[4], id)
@@ -218,6 +270,27 @@ end
 if redis.call('SCARD', held) == 0 then redis.call('ZREM', workers, dead) end
 return result
 """
+
+# A worker takes a task it read from its route's stream.  Returns {record, request}
+# when the task waited for a holder and is now ``worker``'s; false otherwise: an
+# entry of a task that ended (or was requeued under a new entry) is acknowledged
+# and deleted, one of a task another worker holds is left alone.
+# KEYS: task.  ARGV: prefix, id, entry, stream, worker.
+CLAIM = """
+local s = redis.call('HMGET', KEYS[1], 'status', 'worker', 'entry')
+if (s[1] ~= 'queued' and s[1] ~= 'running') or s[3] ~= ARGV[3] then
+  redis.call('XACK', ARGV[4], 'workers', ARGV[3])
+  redis.call('XDEL', ARGV[4], ARGV[3])
+  return false
+end
+if s[1] ~= 'queued' or s[2] then return false end
+redis.call('HSET', KEYS[1], 'worker', ARGV[5])
+redis.call('SADD', P .. 'held:' .. ARGV[5], ARGV[2])
+return {redis.call('HGETALL', KEYS[1]), redis.call('GET', P .. 'request:' .. ARGV[2])}
+"""
+
+# The consumer group every worker of every host reads the streams in.
+GROUP = "workers"
 
 # ARGV: prefix, limit.
 EXPIRE = """

@@ -258,6 +258,64 @@ def test_a_status_line_carrying_a_header_is_not_logged(
     assert "s3cr3t" not in caplog.text and "status line" in caplog.text
 
 
+# -- 12. Replays and intermediaries ------------------------------------------------------------
+
+
+def fixed(status: str, headers: list[tuple[str, str]], body: bytes = b"body") -> Any:
+    def app(environ: Environ, start_response: Any) -> Iterable[bytes]:
+        start_response(status, headers)
+        return [body]
+
+    return app
+
+
+def test_headers_named_in_connection_are_dropped(cleanup: list[AsyncMiddleware]) -> None:
+    app = fixed("200 OK", [("Content-Type", "text/plain"), ("Connection", "close, X-Private"),
+                           ("Connection", " x-hop2 "), ("X-Private", "internal"),
+                           ("X-Hop2", "y"), ("X-Kept", "yes")])
+    _, test_app = make(cleanup, app, validate_inner=False)  # the validator refuses Connection
+    res = wait_result(test_app, test_app.post("/async").headers["Location"], status=200)
+    names = {name.lower() for name, _ in res.headerlist}
+    assert not names & {"connection", "x-private", "x-hop2"}
+    assert res.headers["X-Kept"] == "yes" and res.body == b"body"
+
+
+def test_205_replays_no_body(cleanup: list[AsyncMiddleware]) -> None:
+    _, test_app = make(cleanup, fixed("205 Reset Content", [("Content-Type", "text/plain")],
+                                            b"must not be sent"),
+                       validate_inner=False)
+    res = wait_result(test_app, test_app.post("/async").headers["Location"], status=205)
+    assert res.body == b"" and res.headers.get("Content-Length", "0") == "0"
+
+
+def test_304_keeps_no_body_and_no_length(cleanup: list[AsyncMiddleware]) -> None:
+    _, test_app = make(cleanup, fixed("304 Not Modified", [("ETag", '"v1"')], b""))
+    res = wait_result(test_app, test_app.post("/async").headers["Location"], status=304)
+    assert res.body == b"" and "Content-Length" not in res.headers
+    assert res.headers["ETag"] == '"v1"'
+
+
+def test_owner_bound_replays_are_private_unless_the_app_says(
+    cleanup: list[AsyncMiddleware],
+) -> None:
+    owner = {"owner": lambda environ: environ.get("HTTP_X_USER")}
+    user = {"X-User": "alice"}
+    _, bound = make(cleanup, fixed("200 OK", [("Content-Type", "text/plain")]), **owner)
+    waiting = {**user, "Prefer": "wait=10"}
+    res = bound.get(bound.post("/async", headers=user).headers["Location"], headers=waiting)
+    assert res.headers["Cache-Control"] == "private"
+    cached = fixed("200 OK", [("Content-Type", "text/plain"), ("Cache-Control", "max-age=60")])
+    _, own = make(cleanup, cached, **owner)
+    res = own.get(own.post("/async", headers=user).headers["Location"], headers=waiting)
+    assert res.headers.getall("Cache-Control") == ["max-age=60"]  # the app's own, kept
+    _, public = make(cleanup, fixed("200 OK", [("Content-Type", "text/plain")]))
+    res = wait_result(public, public.post("/async").headers["Location"], status=200)
+    assert "Cache-Control" not in res.headers
+    # The one-round-trip submit replays too.
+    res = bound.post("/async", headers={**user, "Prefer": "respond-async, wait=5"}, status=200)
+    assert res.headers["Cache-Control"] == "private"
+
+
 # -- 13. Stacked middleware runs a task once ---------------------------------------------------
 
 

@@ -21,7 +21,10 @@ _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _STATUS = re.compile(r"[1-5][0-9]{2} [^\x00-\x08\x0a-\x1f\x7f]*")
 # Control characters other than tab never belong in a header value (RFC 9110 5.5).
 _BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
-_NO_BODY_CODES = ("204", "304")
+# 204, 205 and 304 have no content (RFC 9110 15.3.5, 15.3.6, 15.4.5); 205 says so with
+# Content-Length: 0, the other two have no length of their own.
+_NO_BODY_CODES = ("204", "205", "304")
+_NO_LENGTH_CODES = ("204", "304")
 # Hop-by-hop headers (RFC 9110 7.6.1, werkzeug's list) and the length, which is recomputed.
 _DROPPED = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
@@ -87,11 +90,19 @@ def _described(value: object) -> str:
 def finalise_headers(
     status: str, headers: list[tuple[str, str]], body_size: int
 ) -> tuple[tuple[str, str], ...]:
-    """Drop hop-by-hop headers and set ``Content-Length`` from the stored body."""
+    """Drop hop-by-hop headers and set ``Content-Length`` from the stored body.
+
+    Hop-by-hop are the fixed ones and those a ``Connection`` header names
+    (RFC 9110 7.6.1): they were meant for the first hop, never for a replay.
+    """
+    dropped = _DROPPED.union(
+        token.strip().lower() for name, value in headers if name.lower() == "connection"
+        for token in value.split(",")
+    )
     kept = [
-        (name, value) for name, value in headers if name.lower() not in _DROPPED
+        (name, value) for name, value in headers if name.lower() not in dropped
     ]
-    if status[:3] not in _NO_BODY_CODES:
+    if status[:3] not in _NO_LENGTH_CODES:
         kept.append(("Content-Length", str(body_size)))
     return tuple(kept)
 
@@ -180,7 +191,7 @@ def capture(
             close()
     if collector.status is None:
         raise ResponseError("the application returned without calling start_response")
-    # 204 and 304 have no body (RFC 9110 6.4.1): keep none to replay.
+    # 204, 205 and 304 have no body (RFC 9110 6.4.1): keep none to replay.
     body = b"" if collector.status[:3] in _NO_BODY_CODES else b"".join(collector.chunks)
     collector.chunks.clear()
     headers = finalise_headers(collector.status, collector.headers, len(body))

@@ -207,7 +207,7 @@ class AsyncMiddleware:
         if prefer.wait:
             waited = self.status.wait_for(record, min(prefer.wait, self.options.max_wait))
             if waited is not None and waited.status.is_final and waited.response is not None:
-                return replay(environ, start_response, waited.response)
+                return replay(environ, start_response, waited.response, self.status.private)
             record = waited or record
         applied = [("Preference-Applied", "respond-async")] if prefer.respond_async else []
         return self.status.pending(environ, start_response, record, applied)

@@ -14,6 +14,7 @@ from .registry.base import StoredResponse
 from .types import StartResponse, WSGIEnvironment
 
 NO_STORE = ("Cache-Control", "no-store")
+PRIVATE = ("Cache-Control", "private")
 JSON_TYPE = ("Content-Type", "application/json")
 
 
@@ -51,8 +52,17 @@ def send_empty(start_response: StartResponse, code: int) -> list[bytes]:
 
 
 def replay(
-    environ: WSGIEnvironment, start_response: StartResponse, stored: StoredResponse
+    environ: WSGIEnvironment, start_response: StartResponse, stored: StoredResponse,
+    private: bool = False,
 ) -> list[bytes]:
-    """Send a stored response as the application produced it."""
-    start_response(stored.status, list(stored.headers))
+    """Send a stored response as the application produced it.
+
+    Its own caching headers are kept; with ``private`` (a task bound to an
+    owner) a response without ``Cache-Control`` gets ``Cache-Control: private``,
+    so no shared cache hands one caller's result to another.
+    """
+    headers = list(stored.headers)
+    if private and not any(name.lower() == "cache-control" for name, _ in headers):
+        headers.append(PRIVATE)
+    start_response(stored.status, headers)
     return [] if environ.get("REQUEST_METHOD") == "HEAD" else [stored.body]

@@ -41,6 +41,8 @@ class StatusEndpoint:
         self._waiters = threading.BoundedSemaphore(options.max_waiters)
         self._retry_after = ("Retry-After", str(options.retry_after))
         self._id_start = len(options.status_path) + 1
+        # Results of owner-bound tasks are marked private unless the app said otherwise.
+        self.private = options.owner is not None
         # Set when the server runs several processes on a private registry: the
         # likeliest reason an id is unknown, said in the 404 itself.
         self.not_found_hint: str | None = None
@@ -79,7 +81,7 @@ class StatusEndpoint:
             return send_error(environ, start_response, 503, "The task registry is unavailable.",
                               [self._retry_after])
         if record.status.is_final and record.response is not None:
-            return replay(environ, start_response, record.response)
+            return replay(environ, start_response, record.response, self.private)
         return self.pending(environ, start_response, record)
 
     def pending(

@@ -73,6 +73,7 @@ class Options:
     lease_time: float = 15.0
     owner: OwnerFunc | None = None
     executor: Executor = "threads"
+    metrics: bool | str = False
 
     def route_for(self, path: str, method: str) -> Route | None:
         for route in self.routes:
@@ -224,6 +225,20 @@ def _status_path(value: object) -> str:
     return path
 
 
+def _metrics(value: object, status_path: str | None) -> bool | str:
+    if isinstance(value, bool):
+        return value
+    if not isinstance(value, str):
+        raise TypeError(f"metrics must be True, False or a path like '/metrics', got {value!r}")
+    path = value.rstrip("/")
+    if not path.startswith("/") or not re.fullmatch(r"[A-Za-z0-9._~!$&'()*+,;=:@%/-]+", path):
+        raise ValueError(f"metrics must be an absolute URL path like '/metrics', got {value!r}")
+    under = status_path or DEFAULTS.status_path
+    if path == under or path.startswith(under + "/"):
+        raise ValueError(f"metrics path {value!r} is under status_path {under!r}")
+    return path
+
+
 def build_options(routes: object, **options: Any) -> Options:
     """Validate ``routes`` and keyword options into :class:`Options`."""
     known = set(Options.__dataclass_fields__) - {"routes"}
@@ -245,6 +260,8 @@ def build_options(routes: object, **options: Any) -> Options:
         checked["executor"] = _executor("executor", options["executor"])
     if "status_path" in options:
         checked["status_path"] = _status_path(options["status_path"])
+    if "metrics" in options:
+        checked["metrics"] = _metrics(options["metrics"], checked.get("status_path"))
     owner = options.get("owner")
     if owner is not None and not callable(owner):
         raise TypeError(f"owner must be a callable taking the environ, got {owner!r}")

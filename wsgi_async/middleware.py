@@ -19,6 +19,7 @@ from .executor import WorkerPool, check_uwsgi_threads, uwsgi_processes
 from .idempotency import caller_scope, parse_idempotency_key, scoped_key
 from .logsafe import printable
 from .model import TaskRecord
+from .observer import Observer
 from .prefer import Preferences, parse_prefer
 from .registry import Registry, open_registry
 from .request import BodyError, read_body, snapshot
@@ -30,6 +31,8 @@ from .supervisor import Supervisor
 from .types import StartResponse, WSGIApplication, WSGIEnvironment
 
 log = logging.getLogger("wsgi_async")
+# The label of a refused request body in the metrics, by its status.
+BODY_REFUSALS = {400: "bad_request", 411: "length_required", 413: "body_too_large"}
 
 
 class AsyncMiddleware:
@@ -69,6 +72,8 @@ class AsyncMiddleware:
         a dead process's tasks are settled within about this time.
     :param owner: ``owner(environ) -> str | None`` binds each task to its
         caller; another caller gets ``404``.
+    :param metrics: record Prometheus metrics (the ``metrics`` extra); a path
+        such as ``"/metrics"`` also serves them there.
     """
 
     def __init__(
@@ -93,6 +98,7 @@ class AsyncMiddleware:
         max_waiters: int = DEFAULTS.max_waiters,
         lease_time: float = DEFAULTS.lease_time,
         owner: OwnerFunc | None = None,
+        metrics: bool | str = False,
     ) -> None:
         options = {
             name: value for name, value in locals().items()
@@ -110,12 +116,21 @@ class AsyncMiddleware:
                 f"processes share; {type(self.registry).__name__} has none: use "
                 "registry='sqlite:///path/tasks.db' or 'redis://host:port/db'"
             )
-        self.service = TaskService(app, self.registry, self.options)
+        observer = Observer()
+        self._metrics: tuple[str, WSGIApplication] | None = None  # (path, app) serving them
+        if self.options.metrics:
+            from .metrics import PrometheusMetrics, make_metrics_app
+
+            observer = PrometheusMetrics()
+            if isinstance(self.options.metrics, str):
+                self._metrics = (self.options.metrics, make_metrics_app(self.registry))
+        self.service = TaskService(app, self.registry, self.options, observer)
         self._status_path = self.options.status_path
         self._status_length = len(self._status_path)
         self._retry_after = [("Retry-After", str(self.options.retry_after))]
         self._owner_func = self.options.owner
         self.status = StatusEndpoint(self.registry, self.options)
+        self.status.observer = observer
         ref = weakref.ref(self)
         atexit.register(_shutdown_ref, ref)
 
@@ -154,6 +169,8 @@ class AsyncMiddleware:
                 bool(environ.get("wsgi.multiprocess", False)) or uwsgi_processes() > 1
             )
         path = environ.get("PATH_INFO", "")
+        if self._metrics is not None and path == self._metrics[0]:
+            return self._metrics[1](environ, start_response)
         # The status path itself, or anything under it ("<status_path>/...").
         if path.startswith(self._status_path) and (
             len(path) == self._status_length or path[self._status_length] == "/"
@@ -176,8 +193,11 @@ class AsyncMiddleware:
         except BodyError as exc:
             log.warning("wsgi_async: refused %s %s: %s", printable(environ.get("REQUEST_METHOD")),
                         printable(environ.get("PATH_INFO")), printable(exc.detail))
+            self.service.observer.refused(route.pattern.pattern, BODY_REFUSALS.get(
+                exc.code, "bad_request"))
             return send_error(environ, start_response, exc.code, exc.detail)
         except ValueError as exc:
+            self.service.observer.refused(route.pattern.pattern, "bad_idempotency_key")
             return send_error(environ, start_response, 400, str(exc))
         owner = self._owner(environ)
         prefer = parse_prefer(environ)
@@ -190,8 +210,10 @@ class AsyncMiddleware:
         except Refused as refusal:
             log.log(refusal.level, "wsgi_async: refused a task for %s: %s",
                     route.pattern.pattern, refusal.reason)
+            self.service.observer.refused(route.pattern.pattern, refusal.kind)
             return send_error(environ, start_response, 503, refusal.detail, self._retry_after)
         if outcome == "conflict":
+            self.service.observer.refused(route.pattern.pattern, "idempotency_conflict")
             return send_error(environ, start_response, 422,
                               "This Idempotency-Key was already used for a different request.")
         if outcome == "repeated":

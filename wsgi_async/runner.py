@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from .capture import capture
@@ -23,6 +23,7 @@ from .model import (
     cancelled_response,
     error_response,
 )
+from .observer import Observer
 from .registry.base import Registry
 from .request import TaskHandle, task_environ
 from .supervisor import Supervisor
@@ -49,6 +50,7 @@ class TaskRunner:
     supervisor: Supervisor
     worker_id: Callable[[], str]
     max_result_size: int
+    observer: Observer = field(default_factory=Observer)
 
     def run(self, task_id: str, request: RequestSnapshot, *, multiprocess: bool) -> None:
         worker = self.worker_id()
@@ -63,6 +65,10 @@ class TaskRunner:
             log.info("wsgi_async: task %s is no longer queued here; skipped", task_id)
             return
         began = time.monotonic()
+        if record.started_at is not None:
+            self.observer.started(record.route, record.started_at - record.created_at)
+        else:
+            self.observer.started(record.route, 0.0)
         deadline = None if record.timeout is None else began + record.timeout
         if deadline is not None:
             self.supervisor.watch(task_id, deadline)
@@ -79,6 +85,10 @@ class TaskRunner:
             )
         if deadline is not None:
             self.supervisor.unwatch(task_id)
+        outcome, code = (status.value, response.status_code)
+        if stored is False:  # what ended the task first (timeout, cancel, reap) is its outcome
+            outcome, code = self._settled(task_id)
+        self.observer.finished(record.route, outcome, code, time.monotonic() - began)
         if log.isEnabledFor(logging.INFO):
             log.info(
                 "wsgi_async: task %s route=%s outcome=%s status=%s duration=%.3fs%s",
@@ -89,6 +99,16 @@ class TaskRunner:
                 time.monotonic() - began,
                 _STORED_NOTE[stored],
             )
+
+    def _settled(self, task_id: str) -> tuple[str, int]:
+        """The outcome and status stored for a task that ended before its result came."""
+        try:
+            current = self.registry.get(task_id)
+        except RegistryError:
+            current = None
+        if current is None or current.response is None:
+            return TaskStatus.FAILED.value, 500
+        return current.status.value, current.response.status_code
 
     def _drive(
         self, task_id: str, route: str, environ: dict[str, object], deadline: float | None

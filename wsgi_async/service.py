@@ -21,6 +21,7 @@ from .errors import QueueFull, RegistryError, RegistryFull
 from .executor import WorkerPool
 from .idempotency import fingerprint
 from .model import RequestSnapshot, TaskRecord, error_response, new_task_id
+from .observer import Observer
 from .registry import Registry
 from .runner import TaskRunner
 from .supervisor import Supervisor
@@ -32,6 +33,9 @@ BUSY = "The server is busy: its task queue is full; try again later."
 FULL = "The server holds too many tasks; try again later."
 UNAVAILABLE = "The task registry is unavailable."
 NO_THREAD = "No worker could be started."
+# The label of each refusal in the metrics.
+REFUSAL_KINDS = {BUSY: "queue_full", FULL: "registry_full", UNAVAILABLE: "registry_unavailable",
+                 NO_THREAD: "no_thread"}
 # What a submit did: stored a new task, found the one its Idempotency-Key made, or
 # found that key used by a different request.
 Outcome = Literal["new", "repeated", "conflict"]
@@ -50,6 +54,11 @@ class Refused(Exception):
         self.detail = detail
         self.reason = reason
         self.level = level
+
+    @property
+    def kind(self) -> str:
+        """A short label for the metrics: queue_full, registry_full, ..."""
+        return REFUSAL_KINDS.get(self.detail, "other")
 
 
 class _Job:
@@ -70,19 +79,26 @@ class _Job:
         return self.request.size
 
     def run(self) -> None:
+        self.service.observer.queued(-1)
         self.service.runner.run(self.task_id, self.request, multiprocess=self.multiprocess)
 
     def cancel(self, reason: str) -> None:
+        self.service.observer.queued(-1)
+        self.service.observer.cancelled()
         self.service.fail_unqueued(self.task_id, reason)
 
 
 class TaskService:
     """Everything that makes a task happen in this process, behind one object."""
 
-    def __init__(self, app: WSGIApplication, registry: Registry, options: Options) -> None:
+    def __init__(
+        self, app: WSGIApplication, registry: Registry, options: Options,
+        observer: Observer | None = None,
+    ) -> None:
         self.app = app
         self.registry = registry
         self.options = options
+        self.observer = observer or Observer()
         self._worker: tuple[int, str] = (0, "")
         self._worker_lock = threading.Lock()
         self._checked_server = False
@@ -94,7 +110,8 @@ class TaskService:
             free_slots=lambda: self.pool.free_slots,
         )
         self.runner = TaskRunner(
-            app, registry, self.supervisor, self.worker_id, options.max_result_size
+            app, registry, self.supervisor, self.worker_id, options.max_result_size,
+            self.observer,
         )
 
     def worker_id(self) -> str:
@@ -147,6 +164,7 @@ class TaskService:
         else:
             stored = self._enqueue(record, request, key, multiprocess)
         if stored.id == record.id:
+            self.observer.accepted(record.route)
             return stored, "new"
         return stored, "repeated" if stored.fingerprint == record.fingerprint else "conflict"
 
@@ -171,6 +189,7 @@ class TaskService:
                                    else BUSY)
                 raise
             queued = True
+            self.observer.queued(1)
             return stored
         except QueueFull as exc:  # shut down while the task was being stored
             raise Refused(BUSY, str(exc), logging.WARNING) from None
@@ -250,6 +269,7 @@ class TaskService:
             return
         try:
             self.pool.submit(_Job(self, record.id, request, True))
+            self.observer.queued(1)
         except (QueueFull, RuntimeError):
             self.registry.fail(record.id, error_response(
                 503, "No worker was free to replay the task after its worker was lost.",

@@ -18,6 +18,7 @@ from urllib.parse import quote
 from .config import Options
 from .errors import RegistryError
 from .model import TaskRecord
+from .observer import Observer
 from .prefer import parse_prefer
 from .registry import Registry
 from .responses import replay, send_empty, send_error, send_json
@@ -46,6 +47,7 @@ class StatusEndpoint:
         # Set when the server runs several processes on a private registry: the
         # likeliest reason an id is unknown, said in the 404 itself.
         self.not_found_hint: str | None = None
+        self.observer = Observer()
 
     def __call__(
         self, environ: WSGIEnvironment, start_response: StartResponse, owner: str | None
@@ -62,11 +64,13 @@ class StatusEndpoint:
             # A long-poll reads, checks the owner and waits in one go (one read fewer),
             # within max_waiters; past it, or without a wait, it is a plain read.
             if wait and self._waiters.acquire(blocking=False):
+                self.observer.long_polls(1)
                 try:
                     record = self.registry.wait_if(
                         task_id, min(wait, self.options.max_wait), lambda found: owns(found, owner)
                     )
                 finally:
+                    self.observer.long_polls(-1)
                     self._waiters.release()
             else:
                 record = self.registry.get(task_id)
@@ -111,9 +115,11 @@ class StatusEndpoint:
         # Waiting holds a server thread: past max_waiters, answer at once.
         if not self._waiters.acquire(blocking=False):
             return record
+        self.observer.long_polls(1)
         try:
             return self.registry.wait(record.id, timeout)
         finally:
+            self.observer.long_polls(-1)
             self._waiters.release()
 
     def _delete(

@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import free_port
 from wsgi_async import AsyncMiddleware
-from wsgi_helpers import Environ, Gate, client, echo_app, wait_result
+from wsgi_helpers import Environ, Gate, client, echo_app, sleeping, wait_result
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -127,6 +127,26 @@ def test_queue_full_refusals_running_queued_and_long_polls(made: list[AsyncMiddl
     assert value(after, "wsgi_async_tasks_running", route="^/async") == 0
     assert value(after, "wsgi_async_long_polls") == value(before, "wsgi_async_long_polls")
     assert value(after, "wsgi_async_tasks_queued") == value(before, "wsgi_async_tasks_queued")
+
+
+def test_a_timed_out_task_is_counted_with_its_stored_504(made: list[AsyncMiddleware]) -> None:
+    middleware, app = client(sleeping(0.5), metrics="/metrics", task_timeout=0.1)
+    made.append(middleware)
+    labels = {"route": "^/async", "outcome": "failed", "status_class": "5xx"}
+    done = {"route": "^/async", "outcome": "done", "status_class": "2xx"}
+    first = parse(app.get("/metrics").text)
+    before = value(first, "wsgi_async_tasks_finished_total", **labels)
+    location = app.post("/async", b"", status=202).headers["Location"]
+    assert wait_result(app, location).status_int == 504
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:  # the thread returns after the 504 was stored
+        after = parse(app.get("/metrics").text)
+        if value(after, "wsgi_async_tasks_running", route="^/async") == 0:
+            break
+        time.sleep(0.02)
+    assert value(after, "wsgi_async_tasks_finished_total", **labels) - before == 1
+    assert value(after, "wsgi_async_tasks_finished_total", **done) == value(
+        first, "wsgi_async_tasks_finished_total", **done)
 
 
 def test_metrics_are_off_by_default_and_the_path_is_validated(

@@ -171,7 +171,7 @@ def run_server(args: argparse.Namespace, app: Any, routes: Any, banner: str | No
             server.close()
         return 0
     finally:
-        middleware.shutdown(wait=False)
+        middleware.drain()  # running tasks finish and are stored; queued ones get a 503
 
 
 def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:

@@ -71,6 +71,7 @@ class Options:
     max_wait: float = 30.0
     max_waiters: int = 64
     lease_time: float = 15.0
+    drain_timeout: float = 25.0
     owner: OwnerFunc | None = None
     executor: Executor = "threads"
     metrics: bool | str = False
@@ -251,7 +252,7 @@ def build_options(routes: object, **options: Any) -> Options:
                  "retry_after"):
         if name in options:
             checked[name] = _positive(name, options[name], integer=True)
-    for name in ("result_ttl", "max_wait", "lease_time"):
+    for name in ("result_ttl", "max_wait", "lease_time", "drain_timeout"):
         if name in options:
             checked[name] = _positive(name, options[name])
     if "task_timeout" in options:

@@ -206,6 +206,29 @@ class WorkerPool:
             return self._reserved == 0
 
 
+    def drain(self, timeout: float) -> bool:
+        """Stop accepting work, cancel the queued jobs, wait up to ``timeout`` s for the rest.
+
+        What a process does when its server stops it: the jobs already running
+        may finish, the ones that have not started are cancelled at once.
+        Returns whether every job has ended.
+        """
+        deadline = time.monotonic() + timeout
+        self.shutdown(wait=False)
+        with self._lock:
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            return self._reserved == 0
+
+    @property
+    def pending(self) -> int:
+        """Jobs queued or running (or reserved) in this process."""
+        with self._lock:
+            return self._reserved if self._pid == os.getpid() else 0
+
+
 def _reset_ref(ref: weakref.ref[WorkerPool]) -> None:
     pool = ref()
     if pool is not None:

@@ -8,12 +8,11 @@ registry; everything else goes to the application untouched.
 
 from __future__ import annotations
 
-import atexit
 import hashlib
 import logging
-import weakref
 from collections.abc import Iterable
 
+from . import graceful
 from .config import DEFAULTS, Executor, Options, OwnerFunc, Route, RouteSpec, build_options
 from .executor import WorkerPool, check_uwsgi_threads, uwsgi_processes
 from .idempotency import caller_scope, parse_idempotency_key, scoped_key
@@ -70,6 +69,10 @@ class AsyncMiddleware:
     :param max_waiters: long-polls held at once per process; past it a poll answers at once.
     :param lease_time: seconds a process's lease lasts without a heartbeat;
         a dead process's tasks are settled within about this time.
+    :param drain_timeout: seconds a process stopping (SIGTERM, exit) waits for
+        its running tasks to finish and be stored; its queued tasks are failed
+        with a stored ``503`` (replayable ones are left for another process).
+        Keep it below the server's graceful timeout (gunicorn's default is 30 s).
     :param owner: ``owner(environ) -> str | None`` binds each task to its
         caller; another caller gets ``404``.
     :param metrics: record Prometheus metrics (the ``metrics`` extra); a path
@@ -97,6 +100,7 @@ class AsyncMiddleware:
         max_wait: float = DEFAULTS.max_wait,
         max_waiters: int = DEFAULTS.max_waiters,
         lease_time: float = DEFAULTS.lease_time,
+        drain_timeout: float = DEFAULTS.drain_timeout,
         owner: OwnerFunc | None = None,
         metrics: bool | str = False,
     ) -> None:
@@ -131,8 +135,8 @@ class AsyncMiddleware:
         self._owner_func = self.options.owner
         self.status = StatusEndpoint(self.registry, self.options)
         self.status.observer = observer
-        ref = weakref.ref(self)
-        atexit.register(_shutdown_ref, ref)
+        # Drained on SIGTERM and at exit, so that a stopping server loses no running task.
+        graceful.register(self.service)
 
     @property
     def pool(self) -> WorkerPool:
@@ -176,6 +180,7 @@ class AsyncMiddleware:
             len(path) == self._status_length or path[self._status_length] == "/"
         ):
             self.service.ensure_started()
+            graceful.watch()
             return self.status(environ, start_response, self._owner(environ))
         route = self.options.route_for(path, environ.get("REQUEST_METHOD", "GET"))
         # A task's own request (this middleware reached again, or another one stacked
@@ -187,6 +192,7 @@ class AsyncMiddleware:
     def _submit(
         self, environ: WSGIEnvironment, start_response: StartResponse, route: Route
     ) -> Iterable[bytes]:
+        graceful.watch()
         try:
             body = read_body(environ, self.options.max_body_size)
             key = parse_idempotency_key(environ)
@@ -250,8 +256,13 @@ class AsyncMiddleware:
         """
         self.service.shutdown(wait=wait, timeout=timeout)
 
+    def drain(self, timeout: float | None = None) -> bool:
+        """Stop as a server stops a process; what SIGTERM and exit do (see ``drain_timeout``).
 
-def _shutdown_ref(ref: weakref.ref[AsyncMiddleware]) -> None:
-    middleware = ref()
-    if middleware is not None:
-        middleware.shutdown(wait=False)
+        No new task is accepted; queued tasks are failed with a stored ``503``
+        (replayable ones are left for another process); running tasks get up
+        to ``timeout`` seconds (default ``drain_timeout``) to finish and be
+        stored.  Returns whether every task ended.
+        """
+        return self.service.drain(timeout)
+

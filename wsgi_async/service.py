@@ -14,6 +14,7 @@ import logging
 import os
 import secrets
 import threading
+import time
 from typing import Literal
 
 from .config import Options, Route
@@ -64,15 +65,17 @@ class Refused(Exception):
 class _Job:
     """A task queued in this process's pool."""
 
-    __slots__ = ("multiprocess", "request", "service", "task_id")
+    __slots__ = ("multiprocess", "replay", "request", "service", "task_id")
 
     def __init__(
-        self, service: TaskService, task_id: str, request: RequestSnapshot, multiprocess: bool
+        self, service: TaskService, task_id: str, request: RequestSnapshot, multiprocess: bool,
+        replay: bool = False,
     ) -> None:
         self.service = service
         self.task_id = task_id
         self.request = request
         self.multiprocess = multiprocess
+        self.replay = replay
 
     @property
     def size(self) -> int:
@@ -84,6 +87,11 @@ class _Job:
 
     def cancel(self, reason: str) -> None:
         self.service.observer.queued(-1)
+        if self.replay:  # stays queued under this process's lease, which lapses: replayed
+            self.service.left_for_replay += 1
+            log.info("wsgi_async: task %s left queued for another process to replay",
+                     self.task_id)
+            return
         self.service.observer.cancelled()
         self.service.fail_unqueued(self.task_id, reason)
 
@@ -102,6 +110,8 @@ class TaskService:
         self._worker: tuple[int, str] = (0, "")
         self._worker_lock = threading.Lock()
         self._checked_server = False
+        # Replayable tasks that a drain left queued: this process must not retire its lease.
+        self.left_for_replay = 0
         self.pool = WorkerPool(
             options.max_workers, options.max_queued, options.max_pending_bytes
         )
@@ -183,7 +193,7 @@ class TaskService:
             if stored.id != record.id:
                 return stored
             try:
-                self.pool.put(_Job(self, stored.id, request, multiprocess))
+                self.pool.put(_Job(self, stored.id, request, multiprocess, stored.replay))
             except (RuntimeError, QueueFull) as exc:
                 self.fail_unqueued(stored.id, NO_THREAD if isinstance(exc, RuntimeError)
                                    else BUSY)
@@ -268,7 +278,7 @@ class TaskService:
                 500, "The task's request was not stored; it cannot be replayed.", id=record.id))
             return
         try:
-            self.pool.submit(_Job(self, record.id, request, True))
+            self.pool.submit(_Job(self, record.id, request, True, replay=True))
             self.observer.queued(1)
         except (QueueFull, RuntimeError):
             self.registry.fail(record.id, error_response(
@@ -290,3 +300,31 @@ class TaskService:
         """
         drained = self.pool.shutdown(wait=wait, timeout=timeout)
         self.supervisor.stop(retire=drained)
+
+    @property
+    def drain_timeout(self) -> float:
+        return self.options.drain_timeout
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Stop as a server stops a process: let running tasks end, settle the queued ones.
+
+        No new task is accepted; queued tasks are failed with a stored ``503``
+        (replayable ones stay queued, and this process's lease is left to lapse
+        so that another process replays them); running tasks get up to
+        ``timeout`` seconds (default ``drain_timeout``) to finish and be stored,
+        while the lease is still renewed.  Returns whether every task ended.
+        """
+        began = time.monotonic()
+        limit = self.options.drain_timeout if timeout is None else timeout
+        pending = self.pool.pending
+        if pending:
+            log.info("wsgi_async: draining: up to %.1f s for %d pending task(s)", limit, pending)
+        drained = self.pool.drain(limit)
+        self.supervisor.stop(retire=drained and not self.left_for_replay)
+        if not drained:
+            log.warning("wsgi_async: drain timed out after %.2f s with %d task(s) still running; "
+                        "another process settles them when this one's lease lapses",
+                        time.monotonic() - began, self.pool.pending)
+        elif pending:
+            log.info("wsgi_async: drained in %.2f s", time.monotonic() - began)
+        return drained

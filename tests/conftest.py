@@ -24,6 +24,21 @@ REDIS_URL = os.environ.get("WSGI_ASYNC_TEST_REDIS", "redis://127.0.0.1:6379/15")
 IN_CI = bool(os.environ.get("CI"))
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--load", action="store_true",
+                     help="also run the load tests (marked load; .ci/run does)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Load tests take minutes: they run with ``--load`` (as in .ci/run), else skip saying so."""
+    if config.getoption("--load"):
+        return
+    skip = pytest.mark.skip(reason="a load test: run with --load (.ci/run does)")
+    for item in items:
+        if "load" in item.keywords:
+            item.add_marker(skip)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

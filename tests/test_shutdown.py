@@ -12,6 +12,7 @@ under CI.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import importlib.util
 import json
@@ -158,10 +159,8 @@ class Server:
         return time.monotonic() - began
 
     def kill(self) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)  # our child leads its group
-        except ProcessLookupError:
-            pass
         self.process.wait(10)
 
 

@@ -22,7 +22,7 @@ from webtest import TestApp
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from wsgi_async import AsyncMiddleware
-from wsgi_helpers import Environ, client, echo_app, read_body, wait_result
+from wsgi_helpers import Environ, Gate, client, echo_app, read_body, wait_result
 
 
 @pytest.fixture
@@ -169,6 +169,36 @@ def test_location_through_proxyfix_stays_on_the_host(cleanup: list[AsyncMiddlewa
 def test_a_status_path_of_another_host_is_refused(status_path: str) -> None:
     with pytest.raises(ValueError, match="status_path"):
         AsyncMiddleware(echo_app, routes=[r"^/async"], status_path=status_path)
+
+
+# -- 6. max_pending_bytes counts what a pending request holds, headers included ---------------
+
+
+def test_pending_bytes_count_the_headers(cleanup: list[AsyncMiddleware]) -> None:
+    gate = Gate()
+    middleware, app = make(cleanup, gate, max_workers=1, max_queued=1000, max_body_size=1024,
+                           max_pending_bytes=1024 * 1024)
+    headers = {f"X-Big-{index}": "h" * 8192 for index in range(50)}  # about 400 KB each
+    try:
+        codes = [app.post("/async", b"", headers=headers, status="*").status_int
+                 for _ in range(10)]
+        accepted = codes.count(202)
+        assert 1 <= accepted <= 2 and codes.count(503) == 10 - accepted, codes
+        assert len(middleware.registry) == accepted  # type: ignore[arg-type]
+        refused = app.post("/async", b"", headers=headers, status=503)
+        assert refused.headers["Retry-After"] == "1"
+    finally:
+        gate.opened.set()
+    middleware.shutdown(wait=True, timeout=5)
+    assert gate.calls == accepted
+
+
+def test_a_lone_request_of_max_body_size_is_always_admitted(
+    cleanup: list[AsyncMiddleware],
+) -> None:
+    _, app = make(cleanup, echo_app, max_body_size=1000, max_pending_bytes=1000)
+    location = app.post("/async", b"x" * 1000, status=202).headers["Location"]
+    assert wait_result(app, location, status=201).body == b"echo:" + b"x" * 1000
 
 
 # -- 9. The log cannot be forged -----------------------------------------------------------------

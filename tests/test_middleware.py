@@ -352,13 +352,15 @@ def test_full_pool_and_queue_answer_503_and_enqueue_nothing(cleanup: list[AsyncM
 
 def test_bodies_held_by_pending_tasks_are_bounded(cleanup: list[AsyncMiddleware]) -> None:
     gate = Gate()
-    middleware, app = make(cleanup, gate, max_workers=1, max_body_size=100, max_pending_bytes=150)
+    # Headers count too (a few KB here): bodies large beside them.
+    middleware, app = make(cleanup, gate, max_workers=1, max_body_size=100_000,
+                           max_pending_bytes=150_000)
     try:
-        app.post("/async", b"x" * 100, status=202)
-        res = app.post("/async", b"y" * 60, status=503)
+        app.post("/async", b"x" * 100_000, status=202)
+        res = app.post("/async", b"y" * 60_000, status=503)
         assert res.headers["Retry-After"] == "1"
         assert "busy" in res.json["detail"]
-        app.post("/async", b"z" * 50, status=202)  # still within the budget
+        app.post("/async", b"z" * 30_000, status=202)  # still within the budget
         assert len(middleware.registry) == 2  # type: ignore[arg-type]
     finally:
         gate.opened.set()
@@ -946,8 +948,7 @@ def raw_headers(
 
 def test_every_response_the_middleware_makes_is_no_store(cleanup: list[AsyncMiddleware]) -> None:
     gate = Gate()
-    middleware, app = make(cleanup, gate, max_workers=1, max_queued=1, max_body_size=10,
-                           max_pending_bytes=10)
+    middleware, app = make(cleanup, gate, max_workers=1, max_queued=1, max_body_size=10)
     answers: dict[int, Any] = {}
     try:
         pending = app.post("/async", b"", headers={"Idempotency-Key": "k"}, status=202)

@@ -26,7 +26,7 @@ log = logging.getLogger("wsgi_async")
 class Job(Protocol):
     """A unit of work: ``run`` it, or ``cancel`` it if the pool shuts down first.
 
-    ``size`` is the memory it holds until it ends (its request body), counted
+    ``size`` is the memory it holds until it ends (its request: body and environ), counted
     against the pool's ``max_pending_bytes``.
     """
 
@@ -61,7 +61,7 @@ class WorkerPool:
     """A fixed number of daemon threads fed by a bounded queue.
 
     Two bounds hold at once: at most ``max_workers + max_queued`` jobs, and at
-    most ``max_pending_bytes`` of request bodies held by them.
+    most ``max_pending_bytes`` of requests held by them (a job alone always fits).
     """
 
     def __init__(
@@ -115,7 +115,9 @@ class WorkerPool:
                     f"all {self.max_workers} workers are busy and {self.max_queued} tasks wait"
                 )
             limit = self.max_pending_bytes
-            if limit is not None and self._bytes + size > limit:
+            # A job alone is always admitted: a request within max_body_size whose
+            # headers tip it over the bound must not be refused for ever.
+            if limit is not None and self._bytes and self._bytes + size > limit:
                 raise QueueFull(
                     f"queued and running tasks hold {self._bytes} bytes of request bodies, "
                     f"and max_pending_bytes is {limit}"

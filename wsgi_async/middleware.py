@@ -57,8 +57,8 @@ class AsyncMiddleware:
     :param max_queued: tasks waiting for a thread; past it ``503``.
     :param max_body_size: bytes of one request body; past it ``413``.
     :param max_result_size: bytes of one buffered response body; past it a stored ``500``.
-    :param max_pending_bytes: request bodies held by pending tasks of a
-        process; past it ``503``.  At least ``max_body_size``.
+    :param max_pending_bytes: requests (bodies and headers) held by pending
+        tasks of a process; past it ``503``.  At least ``max_body_size``.
     :param max_stored_bytes: result bodies kept by the ``memory://``
         registry; a result that does not fit is stored as a ``507``.
     :param max_tasks: tasks held by a registry opened from a URL; past it ``503``.

@@ -65,21 +65,19 @@ class Refused(Exception):
 class _Job:
     """A task queued in this process's pool."""
 
-    __slots__ = ("multiprocess", "replay", "request", "service", "task_id")
+    __slots__ = ("multiprocess", "replay", "request", "service", "size", "task_id")
 
     def __init__(
         self, service: TaskService, task_id: str, request: RequestSnapshot, multiprocess: bool,
-        replay: bool = False,
+        replay: bool = False, size: int | None = None,
     ) -> None:
         self.service = service
         self.task_id = task_id
         self.request = request
         self.multiprocess = multiprocess
         self.replay = replay
-
-    @property
-    def size(self) -> int:
-        return self.request.size
+        # Counted once: the pool reserves and releases the same number.
+        self.size = request.size if size is None else size
 
     def run(self) -> None:
         self.service.observer.queued(-1)
@@ -193,7 +191,8 @@ class TaskService:
             if stored.id != record.id:
                 return stored
             try:
-                self.pool.put(_Job(self, stored.id, request, multiprocess, stored.replay))
+                self.pool.put(
+                    _Job(self, stored.id, request, multiprocess, stored.replay, size))
             except (RuntimeError, QueueFull) as exc:
                 self.fail_unqueued(stored.id, NO_THREAD if isinstance(exc, RuntimeError)
                                    else BUSY)

@@ -368,7 +368,7 @@ def test_bodies_held_by_pending_tasks_are_bounded(cleanup: list[AsyncMiddleware]
 
 def test_stored_results_are_bounded_in_memory(cleanup: list[AsyncMiddleware]) -> None:
     _, app = make(
-        cleanup, echo_app, max_stored_bytes=3000, max_body_size=2000, max_pending_bytes=3000
+        cleanup, echo_app, max_stored_bytes=3000, max_body_size=2000
     )
     first = app.post("/async", b"a" * 2000).headers["Location"]
     assert wait_result(app, first, status=201).body == b"echo:" + b"a" * 2000
@@ -1159,7 +1159,7 @@ def test_a_result_replaced_by_a_507_is_logged_as_such(
     cleanup: list[AsyncMiddleware], caplog: pytest.LogCaptureFixture
 ) -> None:
     _, app = make(
-        cleanup, echo_app, max_stored_bytes=3000, max_body_size=2000, max_pending_bytes=3000
+        cleanup, echo_app, max_stored_bytes=3000, max_body_size=2000
     )
     with caplog.at_level(logging.INFO, logger="wsgi_async"):
         wait_result(app, app.post("/async", b"a" * 2000).headers["Location"], status=201)

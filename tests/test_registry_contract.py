@@ -340,6 +340,33 @@ def test_every_task_is_finished_exactly_once_under_contention(registry: Registry
     assert all(registry.get(t.id).status.is_final for t in tasks)  # type: ignore[union-attr]
 
 
+def test_no_lease_lapses_for_an_outage_every_worker_suffered(registry: Registry) -> None:
+    """After a gap in which nobody could renew a lease (the registry was unreachable), the
+    first worker back must not reap the others: each gets a lease to renew its own."""
+    registry.heartbeat("a", 0.6)
+    registry.heartbeat("b", 0.6)
+    task = registry.create(new_task("b"))
+    registry.start(task.id, "b")
+    time.sleep(1.0)  # the outage: no heartbeat gets through
+    registry.heartbeat("a", 0.6)  # "a" is back first
+    assert registry.reap("a") == []
+    assert registry.get(task.id).status is TaskStatus.RUNNING  # type: ignore[union-attr]
+    for _ in range(4):  # "b" is back too, and renews its lease
+        time.sleep(0.2)
+        registry.heartbeat("b", 0.6)
+        registry.heartbeat("a", 0.6)
+        assert registry.reap("a") == []
+    assert registry.get(task.id).status is TaskStatus.RUNNING  # type: ignore[union-attr]
+    deadline = time.monotonic() + 5  # "b" dies: reaped once its lease lapses
+    while registry.get(task.id).status is TaskStatus.RUNNING:  # type: ignore[union-attr]
+        assert time.monotonic() < deadline, "the lease of a dead worker never lapsed"
+        time.sleep(0.2)
+        registry.heartbeat("a", 0.6)
+        registry.reap("a")
+    lost = registry.get(task.id)
+    assert lost is not None and lost.response is not None and b"worker_lost" in lost.response.body
+
+
 # -- progress (issue 11) ---------------------------------------------------------------
 
 

@@ -50,6 +50,8 @@ class Supervisor:
         self._thread: threading.Thread | None = None
         self._pid = os.getpid()
         self._stopped = False
+        self._renewed = 0.0  # when this process last renewed its lease (time.monotonic)
+        self._reap_from = 0.0  # no reaping before this, after an outage we suffered
         ref = weakref.ref(self)
         os.register_at_fork(after_in_child=lambda: _reset_ref(ref))
 
@@ -61,6 +63,7 @@ class Supervisor:
             if self._thread is not None or self._stopped:
                 return
             self.registry.heartbeat(self.worker_id(), self.lease_time)
+            self._renewed = time.monotonic()
             thread = threading.Thread(
                 target=self._loop, name="wsgi-async-supervisor", daemon=True
             )
@@ -144,8 +147,11 @@ class Supervisor:
         worker = self.worker_id()
         try:
             self.registry.heartbeat(worker, self.lease_time)
+            self._note_renewal()
             self._settle_unsettled()
             limit = min(REAP_BATCH, self.free_slots())  # a replay needs a place in the pool
+            if time.monotonic() < self._reap_from:
+                limit = 0
             for record in self.registry.reap(worker, limit) if limit > 0 else ():
                 log.warning("wsgi_async: replaying task %s, whose worker was lost", record.id)
                 self._requeue(record)
@@ -154,6 +160,17 @@ class Supervisor:
             log.warning("wsgi_async: registry unavailable in the supervisor: %s", exc)
         except Exception:
             log.exception("wsgi_async: supervisor tick failed")
+
+    def _note_renewal(self) -> None:
+        """After a lease renewal that came late (the registry was out, for us too),
+        wait a whole lease before reaping: the others were as unable to renew theirs,
+        and each must have the time to do so before it is judged dead."""
+        now = time.monotonic()
+        if now - self._renewed > self.lease_time / 2:
+            self._reap_from = now + self.lease_time
+            log.info("wsgi_async: lease renewed after %.1f s; reaping resumes in %.1f s",
+                     now - self._renewed, self.lease_time)
+        self._renewed = now
 
     def _requeue(self, record: TaskRecord) -> None:
         try:
@@ -181,3 +198,4 @@ def _reset_ref(ref: weakref.ref[Supervisor]) -> None:
         sup._deadlines = {}
         sup._unsettled = {}
         sup._pid = os.getpid()
+        sup._renewed = sup._reap_from = 0.0

@@ -58,6 +58,8 @@ class MemoryRegistry:
         self._expiry: list[tuple[float, str]] = []
         self._finished = 0  # finished tasks held: the heap's live entries
         self._leases: dict[str, float] = {}
+        self._beat: float | None = None  # when a lease was last renewed (by anyone)
+        self._grace = 0.0  # no reaping before this time (after an outage)
         self._held: dict[str, set[str]] = {}
 
     # -- the queue: none, since no other process sees this registry -------------
@@ -203,7 +205,13 @@ class MemoryRegistry:
 
     def heartbeat(self, worker: str, lease: float) -> None:
         with self._lock:
-            self._leases[worker] = time.time() + lease
+            now = time.time()
+            if self._beat is not None and now - self._beat > lease / 2:
+                # Nobody renewed a lease for a while (the process was frozen): none
+                # is reaped until each has had a whole lease to renew its own.
+                self._grace = now + lease
+            self._beat = now
+            self._leases[worker] = now + lease
 
     def retire(self, worker: str) -> None:
         with self._lock:
@@ -214,6 +222,8 @@ class MemoryRegistry:
         requeued: list[TaskRecord] = []
         settled = 0
         with self._lock:
+            if now < self._grace:
+                return requeued
             for dead, expires in list(self._leases.items()):
                 if expires > now or dead == worker:
                     continue

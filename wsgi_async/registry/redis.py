@@ -7,6 +7,8 @@ Keys (all under ``prefix``)::
     key:<key>       string idempotency key -> task id
     tasks           zset   task ids by expiry time (+inf while pending)
     workers         zset   worker ids by lease expiry
+    beat            string when a lease was last renewed (by anyone)
+    grace           string no reaping before this time (after an outage)
     held:<worker>   set    ids of the pending tasks a worker holds
     stream:<route>  stream the queue of a route (executor="workers"), consumer group
                     ``workers``; an entry is acknowledged and deleted when its task ends

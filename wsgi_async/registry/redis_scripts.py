@@ -206,13 +206,24 @@ return 1
 
 # ARGV: prefix, worker, lease.
 HEARTBEAT = """
-redis.call('ZADD', P .. 'workers', stamp(clock() + tonumber(ARGV[3])), ARGV[2])
+local now, lease = clock(), tonumber(ARGV[3])
+local last = tonumber(redis.call('GET', P .. 'beat'))
+if last and now - last > lease / 2 then
+  -- Nobody renewed a lease for a while: an outage every worker suffered.  None
+  -- is reaped until each has had a whole lease to renew its own.
+  local ms = string.format('%d', math.ceil(lease * 1000))
+  redis.call('SET', P .. 'grace', stamp(now + lease), 'PX', ms)
+end
+redis.call('SET', P .. 'beat', stamp(now))
+redis.call('ZADD', P .. 'workers', stamp(now + lease), ARGV[2])
 """
 
 # Reap, step 1: up to `limit` tasks held by workers whose lease lapsed, as
 # {worker, {ids}} pairs.  Dead workers that hold nothing are forgotten.
 # ARGV: prefix, reaper, limit.
 DEAD = """
+local grace = tonumber(redis.call('GET', P .. 'grace'))
+if grace and grace > clock() then return {} end
 local workers = P .. 'workers'
 local budget = tonumber(ARGV[3])
 local out = {}

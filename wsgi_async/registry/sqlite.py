@@ -376,9 +376,19 @@ class SQLiteRegistry:
 
     def heartbeat(self, worker: str, lease: float) -> None:
         with self._write() as db:
+            now = time.time()
+            row = db.execute("SELECT beat, grace FROM leases WHERE id = 1").fetchone()
+            grace = None if row is None else row[1]
+            if row is not None and now - row[0] > lease / 2:
+                # Nobody renewed a lease for a while: an outage every worker suffered.
+                # None is reaped until each has had a whole lease to renew its own.
+                grace = now + lease
+            db.execute(
+                "INSERT OR REPLACE INTO leases (id, beat, grace) VALUES (1, ?, ?)", (now, grace)
+            )
             db.execute(
                 "INSERT OR REPLACE INTO workers (id, lease_expires) VALUES (?, ?)",
-                (worker, time.time() + lease),
+                (worker, now + lease),
             )
 
     def retire(self, worker: str) -> None:
@@ -391,6 +401,9 @@ class SQLiteRegistry:
         failed: list[str] = []
         requeued_on_queue = False
         with self._write() as db:
+            grace = db.execute("SELECT grace FROM leases WHERE id = 1").fetchone()
+            if grace is not None and grace[0] is not None and grace[0] > now:
+                return []
             dead = db.execute(
                 "SELECT id FROM workers WHERE lease_expires <= ? AND id != ?"
                 " ORDER BY lease_expires LIMIT ?",

@@ -45,6 +45,12 @@ SCHEMA = (
         WHERE expires_at IS NOT NULL""",
     """CREATE TABLE IF NOT EXISTS workers (id TEXT PRIMARY KEY, lease_expires REAL NOT NULL)""",
     """CREATE INDEX IF NOT EXISTS workers_by_lease ON workers (lease_expires)""",
+    # When a lease was last renewed (by anyone), and no reaping before ``grace``.
+    """CREATE TABLE IF NOT EXISTS leases (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        beat REAL NOT NULL,
+        grace REAL
+    )""",
     # One row counting the tasks, so that enforcing max_tasks never runs COUNT(*).
     """CREATE TABLE IF NOT EXISTS counters (
         id INTEGER PRIMARY KEY CHECK (id = 1),

@@ -12,7 +12,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +81,56 @@ def new_task(worker: str = "w1", **fields: Any) -> TaskRecord:
     """A queued task record held by ``worker``, with a fresh id."""
     return TaskRecord(id=secrets.token_urlsafe(16), route="^/r", worker=worker, **fields)
 
+
+def on_read(registry: Registry, task_id: str, nth: int, action: Callable[[], object]) -> None:
+    """Call ``action()`` right after the ``nth`` read of ``task_id`` through ``registry.get``.
+
+    A long-poll reads its task once it listens for the task's completion (on
+    SQLite the second read, after one read before it subscribes; on Redis the
+    first), so that read tells a test that the waiter is really subscribed: a
+    completion from then on can only reach it through the wake-up.
+    """
+    original = registry.get
+    reads = 0
+
+    def get(wanted: str) -> TaskRecord | None:
+        nonlocal reads
+        record = original(wanted)
+        if wanted == task_id:
+            reads += 1
+            if reads == nth:
+                action()
+        return record
+
+    registry.get = get  # type: ignore[method-assign]
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+def subscribed(registry: Any) -> bool:
+    """Whether this process's Redis listener holds its subscription (PUBSUB NUMSUB)."""
+    counts = dict(registry.client.pubsub_numsub(registry.prefix + "done"))
+    return int(counts.get((registry.prefix + "done").encode(), 0)) >= 1
+
+
+def start_listener(registry: Any) -> None:
+    """Start the Redis registry's listener and wait until it is subscribed.
+
+    A listener that subscribes wakes every waiter (it may have missed
+    completions), which would rescue a lost wake-up: tests start it first.
+    """
+    registry.wait("no-such-task", 0)
+    wait_until(lambda: subscribed(registry))
+
+
+# Which read of a long-poll follows its subscription: on SQLite the second
+# (one read comes before it subscribes), on Redis the first.
+SUBSCRIBED_READ = {"sqlite": 2, "redis": 1}
 
 BACKENDS = ["memory", "sqlite", "redis"]
 

@@ -35,7 +35,13 @@ def test_many_submits_and_polls_at_once_each_task_runs_exactly_once(registry: Re
                 failures.append(submitted.status)
                 continue
             location = submitted.headers["Location"]
-            test_app.get(location, status="*")  # a poll while it may still run
+            early = test_app.get(location, status="*")  # a poll while it may still run
+            if early.status_int == 202:
+                if early.json["status"] not in ("queued", "running") or \
+                        early.headers["Location"] != location:
+                    failures.append(f"early poll: {early.headers} {early.json}")
+            elif (early.status_int, early.body) != (200, b"ok:" + payload):
+                failures.append(f"early poll: {early.status} {early.body!r}")
             done = wait_result(test_app, location, status="*")
             with lock:
                 results[location] = (

@@ -162,3 +162,28 @@ def test_a_job_raising_system_exit_does_not_kill_the_worker() -> None:
     pool.submit(second)
     assert first.ran.wait(5) and second.ran.wait(5)
     pool.shutdown()
+
+
+def test_check_uwsgi_threads_refuses_a_uwsgi_without_threads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sys
+    import types
+
+    from wsgi_async import AsyncMiddleware
+    from wsgi_async.executor import check_uwsgi_threads
+
+    check_uwsgi_threads()  # not under uWSGI: nothing to check
+    stand_in = types.ModuleType("uwsgi")
+    stand_in.opt = {}  # type: ignore[attr-defined]
+    stand_in.has_threads = 0  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "uwsgi", stand_in)
+    with pytest.raises(RuntimeError, match="--enable-threads"):
+        check_uwsgi_threads()
+    with pytest.raises(RuntimeError, match="--enable-threads"):
+        AsyncMiddleware(lambda environ, start_response: [], routes=["^/"])
+    for name, value in [("has_threads", 1), ("opt", {"enable-threads": True}),
+                        ("opt", {"threads": b"4"})]:
+        with monkeypatch.context() as patch:
+            patch.setattr(stand_in, name, value)
+            check_uwsgi_threads()  # threads on: accepted

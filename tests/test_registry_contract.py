@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import _cleanup, make_registry, new_task
+from conftest import (
+    SUBSCRIBED_READ,
+    _cleanup,
+    make_registry,
+    new_task,
+    on_read,
+    start_listener,
+)
 from wsgi_async.registry import (
     Registry,
     RegistryFull,
@@ -163,22 +170,34 @@ def test_wait_if_checks_the_first_read_and_never_blocks_when_refused(
     assert time.monotonic() - began < 5
 
 
-def test_wait_is_woken_by_the_completion(registry: Registry) -> None:
+@pytest.mark.parametrize("how", ["finish", "fail"])
+def test_wait_is_woken_by_the_completion(registry: Registry, backend: str, how: str) -> None:
     record = registry.create(new_task())
     registry.start(record.id, "w1")
 
-    def finish_later() -> None:
-        time.sleep(0.2)
-        registry.finish(record.id, "w1", TaskStatus.DONE, OK)
+    def settle() -> None:
+        if how == "finish":
+            registry.finish(record.id, "w1", TaskStatus.DONE, OK)
+        else:
+            registry.fail(record.id, BOOM)
 
-    thread = threading.Thread(target=finish_later)
-    thread.start()
+    thread = None
+    if backend == "redis":
+        start_listener(registry)
+    if backend in SUBSCRIBED_READ:  # settled once the wait listens: only its wake-up ends it
+        on_read(registry, record.id, SUBSCRIBED_READ[backend], settle)
+    else:  # the memory registry's wait blocks at once, without a read
+        thread = threading.Timer(0.2, settle)
+        thread.start()
     began = time.monotonic()
     got = registry.wait(record.id, 10)
     elapsed = time.monotonic() - began
-    thread.join()
-    assert got is not None and got.status is TaskStatus.DONE
-    assert elapsed < 1.5, f"woken after {elapsed:.2f}s"
+    if thread is not None:
+        thread.join()
+    expected = TaskStatus.DONE if how == "finish" else TaskStatus.FAILED
+    assert got is not None and got.status is expected
+    # Well under SQLite's 1 s safety net; Redis and memory have none (they wait 10 s).
+    assert elapsed < 0.6, f"woken after {elapsed:.2f}s"
 
 
 def test_wait_on_unknown_task(registry: Registry) -> None:

@@ -28,7 +28,11 @@ from conftest import (
     _cleanup,
     make_registry,
     new_task,
+    on_read,
     require_redis,
+    start_listener,
+    subscribed,
+    wait_until,
 )
 from wsgi_async.registry import (
     RegistryFull,
@@ -51,24 +55,6 @@ def reg(tmp_path: Path) -> Iterator[Any]:
     registry = make_registry("redis", tmp_path)
     yield registry
     _cleanup(registry)
-
-
-def wait_until(condition: Any, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
-
-
-def subscribed(registry: Any) -> bool:
-    """Whether this process's listener holds its subscription (PUBSUB NUMSUB)."""
-    counts = dict(registry.client.pubsub_numsub(registry.prefix + "done"))
-    return int(counts.get((registry.prefix + "done").encode(), 0)) >= 1
-
-
-def start_listener(registry: Any) -> None:
-    registry.wait("no-such-task", 0)
-    wait_until(lambda: subscribed(registry))
 
 
 # -- storage -------------------------------------------------------------------------
@@ -291,45 +277,56 @@ def test_concurrent_reapers_settle_each_task_once(reg: Any) -> None:
 # -- wake-ups ------------------------------------------------------------------------
 
 
-def _finisher(url: str, prefix: str, conn: Connection) -> None:
-    """In another process: finish each task id received, reporting when it began."""
+def _settler(url: str, prefix: str, conn: Connection) -> None:
+    """In another process: settle each task id received once told, reporting when it began."""
     from wsgi_async.registry.redis import RedisRegistry
 
     registry = RedisRegistry.from_url(url, prefix=prefix)
     try:
         conn.send("ready")
         while conn.poll(30):
-            task_id = conn.recv()
-            if task_id is None:
+            message = conn.recv()
+            if message is None:
                 break
-            time.sleep(0.05)  # let the parent block in wait()
+            task_id, how = message
+            assert conn.poll(10) and conn.recv() == "go"  # the parent's waiter is subscribed
             began = time.monotonic()
-            done = registry.finish(task_id, "child", TaskStatus.DONE, OK)
+            if how == "finish":
+                done = registry.finish(task_id, "child", TaskStatus.DONE, OK)
+            else:
+                done = registry.fail(task_id, BOOM)
             conn.send((began, done))
     finally:
         registry.close()
         conn.close()
 
 
-def test_a_finish_in_another_process_wakes_the_waiter_within_50ms(reg: Any) -> None:
+SUBSCRIBED = 1  # a wait listens for its task before its first read
+
+
+@pytest.mark.parametrize("how", ["finish", "fail"])
+def test_a_settle_in_another_process_wakes_the_waiter_within_50ms(reg: Any, how: str) -> None:
     ctx = multiprocessing.get_context("spawn")
     ours, theirs = ctx.Pipe()
-    child = ctx.Process(target=_finisher, args=(REDIS_URL, reg.prefix, theirs), daemon=True)
+    child = ctx.Process(target=_settler, args=(REDIS_URL, reg.prefix, theirs), daemon=True)
     child.start()
     theirs.close()
     latencies: list[float] = []
+    expected = TaskStatus.DONE if how == "finish" else TaskStatus.FAILED
     try:
         assert ours.poll(60) and ours.recv() == "ready"
         start_listener(reg)
         for _ in range(21):
             task = reg.create(new_task("child"))
             reg.start(task.id, "child")
-            ours.send(task.id)
-            got = reg.wait(task.id, 5)
+            ours.send((task.id, how))
+            on_read(reg, task.id, SUBSCRIBED, lambda: ours.send("go"))
+            got = reg.wait(task.id, 5)  # one wait: a lost wake-up is not retried
             woke = time.monotonic()
             assert ours.poll(10)
             began, done = ours.recv()
-            assert done and got is not None and got.status is TaskStatus.DONE
+            assert woke - began < 1, "woken by the wait's end, not by the completion"
+            assert done and got is not None and got.status is expected
             latencies.append(woke - began)
         ours.send(None)
         child.join(10)
@@ -345,6 +342,10 @@ def test_delete_and_close_wake_waiters(reg: Any) -> None:
     deleted = reg.create(new_task())
     pending = reg.create(new_task())
     outcome: dict[str, Any] = {}
+    subscribed = threading.Semaphore(0)
+    for task in (deleted, pending):
+        on_read(reg, task.id, SUBSCRIBED, subscribed.release)
+    start_listener(reg)
 
     def waiter(task_id: str) -> None:
         began = time.monotonic()
@@ -353,7 +354,7 @@ def test_delete_and_close_wake_waiters(reg: Any) -> None:
     threads = [threading.Thread(target=waiter, args=(t.id,)) for t in (deleted, pending)]
     for thread in threads:
         thread.start()
-    time.sleep(0.2)
+    assert subscribed.acquire(timeout=5) and subscribed.acquire(timeout=5)
     reg.delete(deleted.id)
     threads[0].join(5)
     assert outcome[deleted.id][0] is None and outcome[deleted.id][1] < 1
@@ -371,8 +372,17 @@ def stop(child: Any) -> None:
     child.close()
 
 
+def subscribers(registry: Any) -> int:
+    """How many listeners (one per process) hold the registry's subscription."""
+    counts = dict(registry.client.pubsub_numsub(registry.prefix + "done"))
+    return int(counts.get((registry.prefix + "done").encode(), 0))
+
+
 def _wait_in_fork(registry: Any, task_id: str, conn: Connection) -> None:
     conn.send("ready")
+    registry.wait("no-such-task", 0)  # starts this process's own listener...
+    wait_until(lambda: subscribers(registry) >= 2)  # ...beside the parent's
+    on_read(registry, task_id, SUBSCRIBED, lambda: conn.send("waiting"))
     got = registry.wait(task_id, 10)
     conn.send(None if got is None else got.status.value)
     conn.close()
@@ -391,7 +401,7 @@ def test_a_forked_child_starts_its_own_listener(reg: Any) -> None:
     theirs.close()
     try:
         assert ours.poll(10) and ours.recv() == "ready"
-        time.sleep(0.3)
+        assert ours.poll(10) and ours.recv() == "waiting"  # subscribed, blocked in wait()
         began = time.monotonic()
         reg.finish(task.id, "w1", TaskStatus.DONE, OK)
         assert ours.poll(5), "the forked child was not woken"
@@ -413,9 +423,11 @@ def test_the_registry_survives_a_redis_restart(private_redis: RedisServer) -> No
         task = registry.create(new_task())
         registry.start(task.id, "w1")
         outcome: list[BaseException | TaskRecord | None] = []
+        waiting = threading.Event()
+        on_read(registry, task.id, SUBSCRIBED, waiting.set)
         waiter = threading.Thread(target=lambda: outcome.append(_catch(registry, task.id)))
         waiter.start()
-        time.sleep(0.2)
+        assert waiting.wait(5)
 
         private_redis.kill()
         waiter.join(5)
@@ -437,13 +449,11 @@ def test_the_registry_survives_a_redis_restart(private_redis: RedisServer) -> No
         for _ in range(5):
             again = registry.create(new_task())
             assert registry.start(again.id, "w1") is not None
-            timer = threading.Timer(
-                0.1, registry.finish, args=(again.id, "w1", TaskStatus.DONE, OK)
-            )
+            # Finished once the wait listens: only the wake-up can end it early.
+            on_read(registry, again.id, SUBSCRIBED,
+                    lambda task_id=again.id: registry.finish(task_id, "w1", TaskStatus.DONE, OK))
             began = time.monotonic()
-            timer.start()
             got = registry.wait(again.id, 5)
-            timer.join()
             assert got is not None and got.status is TaskStatus.DONE
             assert time.monotonic() - began < 0.5
         assert registry.reap("w1") == [] and registry.expire() == 0

@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import pty
+import re
 import signal
 import subprocess
 import sys
@@ -63,6 +64,15 @@ def test_follows_a_task_of_the_middleware(base: str) -> None:
     assert response.task_url is not None
     assert response.task_url.startswith(base + "/_async/tasks/")  # the relative path resolved
     assert 1.5 <= took < 10  # the long-poll returned as the task ended
+
+
+def test_follows_a_task_url_it_is_given(base: str) -> None:
+    request = urllib.request.Request(base + "/long?seconds=0.5", data=b"again", method="POST")
+    with urllib.request.urlopen(request, timeout=10) as accepted:
+        task_url = base + accepted.headers["Location"]
+    response = client.call(task_url, "GET")
+    assert (response.status, response.body, response.task_url) == (
+        201, b"again" + RESULT, task_url)
 
 
 def test_a_failed_task_is_returned_not_raised(base: str) -> None:
@@ -208,6 +218,12 @@ def test_call_shows_progress_on_stderr(base: str) -> None:
     stderr = done.stderr.decode()
     assert "step 1 of 4" in stderr or "step 2 of 4" in stderr
     assert "/4 [" in stderr  # tqdm's "n/total [elapsed..." bar
+
+
+def test_call_says_it_waits_before_any_progress(base: str) -> None:
+    done = run_call(base + "/long?seconds=0.5")
+    assert done.returncode == EXIT_OK, done.stderr
+    assert re.search(rb"waiting for http://127\.0\.0\.1:\d+/_async/tasks/[\w-]+", done.stderr)
 
 
 def test_call_failed_task_exits_1(base: str) -> None:

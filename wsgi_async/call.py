@@ -22,6 +22,7 @@ EXIT_USAGE = 2
 EXIT_ERROR = 3
 EXIT_TIMEOUT = 4
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+FULL_BAR = "{l_bar}{bar}{r_bar}"  # tqdm's own layout, once a total is known
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,11 +67,16 @@ def run(
         return EXIT_USAGE
     bar = _Progress(stderr, enabled=not args.no_progress)
     task: list[str] = []
+
+    def accepted(task_url: str) -> None:
+        task.append(task_url)
+        bar.start(task_url)
+
     try:
         try:
             response = client.call(
                 args.url, args.method, data, headers, args.timeout, bar.update,
-                cancel_on_timeout=args.cancel_on_timeout, on_task=task.append,
+                cancel_on_timeout=args.cancel_on_timeout, on_task=accepted,
                 poll_wait=args.poll_wait, max_polls=args.max_polls,
                 max_response_size=args.max_size)
         finally:
@@ -156,22 +162,33 @@ class _Progress:
         self.enabled = enabled
         self.bar: Any = None
 
+    def start(self, task_url: str) -> None:
+        """A task was accepted: say so at once; the bar fills when progress comes."""
+        if self.enabled and self.bar is None:
+            self._open(None).set_description_str(f"waiting for {task_url}")
+
     def update(self, document: Any) -> None:
         if not self.enabled:
             return
         current, total, label = _reading(document)
         if self.bar is None:
-            from tqdm import tqdm  # the base install's dependency, loaded only when needed
-
-            self.bar = tqdm(file=self.stream, total=total, unit="step", dynamic_ncols=True,
-                            mininterval=0)
+            self._open(total)
         if total is not None and total > 0:
+            if self.bar.total is None:
+                self.bar.bar_format = FULL_BAR
             self.bar.total = total
         if current is not None:
             self.bar.n = current
         if label:
             self.bar.set_description_str(label[:80], refresh=False)
         self.bar.refresh()
+
+    def _open(self, total: float | None) -> Any:
+        from tqdm import tqdm  # the base install's dependency, loaded only when needed
+
+        self.bar = tqdm(file=self.stream, total=total, unit="step", dynamic_ncols=True,
+                        mininterval=0, bar_format=FULL_BAR if total else "{desc}")
+        return self.bar
 
     def close(self) -> None:
         if self.bar is not None:

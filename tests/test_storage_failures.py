@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sqlite3
 import time
 from collections.abc import Iterable
@@ -102,5 +104,71 @@ def test_outcomes_are_settled_after_a_long_outage(
         assert never_started.status_int == 503
         assert "unavailable when the task was due to start" in never_started.json["detail"]
     finally:
+        middleware.shutdown(wait=True, timeout=10)
+        middleware.registry.close()
+
+
+def test_a_create_redis_runs_after_the_submit_failed_still_ends(
+    private_redis: RedisServer,
+) -> None:
+    """Redis stalls (SIGSTOP) during a submit: the client gets a 503, Redis then runs the
+    create it had already read; the retry with the same Idempotency-Key must get a task
+    that runs, not one queued for ever under a live process that never queued it."""
+    assert private_redis.process is not None
+    pid = private_redis.process.pid
+    url = private_redis.url + "?prefix=stall:&socket_timeout=1"
+    middleware, app = client(slow_echo, registry=url, lease_time=1.5)
+    key = {"Idempotency-Key": '"pay-once"'}
+    try:
+        warm = app.post("/async", b"0").headers["Location"]  # scripts loaded, supervisor up
+        assert wait_result(app, warm, status=200).body == b"slept 0"
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            refused = app.post("/async", b"0", headers=key, status=503)
+            assert refused.json["detail"] == "The task registry is unavailable."
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        retried = app.post("/async", b"0", headers=key, status="*")
+        deadline = time.monotonic() + 10
+        while retried.status_int == 503 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            retried = app.post("/async", b"0", headers=key, status="*")
+        assert retried.status_int == 202
+        finished = final_result(app, retried.headers["Location"], polls=2)
+        assert (finished.status_int, finished.body) == (200, b"slept 0")
+    finally:
+        middleware.shutdown(wait=True, timeout=10)
+        middleware.registry.close()
+
+
+def test_a_create_redis_runs_after_a_keyless_submit_failed_is_removed(
+    private_redis: RedisServer,
+) -> None:
+    """Without a key nobody can find that task (its client got a 503 and no id): it is
+    removed, not run and not left queued."""
+    import redis
+
+    assert private_redis.process is not None
+    pid = private_redis.process.pid
+    url = private_redis.url + "?prefix=stall:&socket_timeout=1"
+    middleware, app = client(slow_echo, registry=url, lease_time=1.5)
+    keys = redis.Redis.from_url(private_redis.url)
+    try:
+        warm = app.post("/async", b"0").headers["Location"]
+        assert wait_result(app, warm, status=200).body == b"slept 0"
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            app.post("/async", b"0", status=503)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        deadline = time.monotonic() + 10
+        while True:  # only the warm-up task is left, once the supervisor has settled it
+            tasks = list(keys.scan_iter(match="stall:task:*"))
+            if len(tasks) == 1:
+                break
+            assert time.monotonic() < deadline, f"a task nobody knows about is left: {tasks}"
+            time.sleep(0.2)
+    finally:
+        keys.close()
         middleware.shutdown(wait=True, timeout=10)
         middleware.registry.close()

@@ -22,6 +22,10 @@ class RegistryUnavailable(RegistryError):
     """The registry's storage cannot be reached; the request may be retried."""
 
 
+class MaybeWritten(RegistryUnavailable):
+    """The registry stopped answering after a write was sent: it may still be stored."""
+
+
 class RegistryFull(RegistryError):
     """The registry holds its maximum number of tasks."""
 

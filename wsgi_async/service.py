@@ -18,10 +18,10 @@ import time
 from typing import Literal
 
 from .config import Options, Route
-from .errors import QueueFull, RegistryError, RegistryFull
+from .errors import MaybeWritten, QueueFull, RegistryError, RegistryFull
 from .executor import WorkerPool
 from .idempotency import fingerprint
-from .model import RequestSnapshot, TaskRecord, error_response, new_task_id
+from .model import RequestSnapshot, TaskRecord, TaskStatus, error_response, new_task_id
 from .observer import Observer
 from .registry import Registry
 from .runner import TaskRunner
@@ -242,9 +242,42 @@ class TaskService:
             raise Refused(BUSY, str(exc), logging.WARNING) from None
         except RegistryFull as exc:
             raise Refused(FULL, str(exc), logging.WARNING) from None
+        except MaybeWritten as exc:
+            if not queue:  # (on the queue a worker claims it: it runs, and ends)
+                self.supervisor.retry_later(
+                    record.id, lambda: self._recover(record, request, key, multiprocess))
+            raise Refused(UNAVAILABLE, str(exc), logging.ERROR) from None
         except RegistryError as exc:
             raise Refused(UNAVAILABLE, str(exc), logging.ERROR) from None
         return stored
+
+    def _recover(
+        self, record: TaskRecord, request: RequestSnapshot, key: str | None, multiprocess: bool
+    ) -> None:
+        """Settle a create that failed once sent (its client got a 503): the registry
+        may have stored it since, queued under this live process that never queued it.
+
+        Without a key nobody can know its id: it is removed.  With one, a retry may
+        already hold its ``Location``: it runs.  Run by the supervisor until it succeeds.
+        """
+        recover = getattr(self.registry, "recover", None)
+        found = recover(record.id) if recover is not None else self.registry.get(record.id)
+        if found is None or found.status is not TaskStatus.QUEUED or found.worker != record.worker:
+            return
+        if key is None:
+            self.registry.delete(record.id)
+            log.warning("wsgi_async: task %s was stored after its submit failed; removed",
+                        record.id)
+            return
+        log.warning("wsgi_async: task %s was stored after its submit failed; running it",
+                    record.id)
+        try:
+            self.pool.submit(_Job(self, record.id, request, multiprocess, record.replay))
+            self.observer.queued(1)
+        except (QueueFull, RuntimeError):
+            self.registry.fail(record.id, error_response(
+                503, "No worker was free to run the task after the registry came back.",
+                id=record.id))
 
     def fail_unqueued(self, task_id: str, detail: str) -> None:
         """A stored task that will not run here must still end: fail it."""

@@ -5,6 +5,7 @@ Keys (all under ``prefix``)::
     task:<id>       hash   the record; body as raw bytes, headers as JSON
     request:<id>    string the RequestSnapshot JSON of a pending replayable task
     key:<key>       string idempotency key -> task id
+    void:<id>       string a create that failed and was given up (a day)
     tasks           zset   task ids by expiry time (+inf while pending)
     workers         zset   worker ids by lease expiry
     beat            string when a lease was last renewed (by anyone)
@@ -45,6 +46,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
         "the Redis registry needs redis-py: pip install 'wsgi-async[redis]'"
     ) from exc
 
+from ..errors import MaybeWritten
 from . import redis_scripts as lua
 from .base import (
     Capabilities,
@@ -63,6 +65,9 @@ from .base import (
 from .redis_wakeups import Listener
 
 __all__ = ["RedisRegistry"]
+
+#: How long a failed create's mark keeps a late run of it from storing the task.
+VOID_SECONDS = 86_400
 
 # Errors that mean "Redis cannot be reached right now" (BusyLoadingError is a
 # ConnectionError; READONLY is what a demoted primary answers after failover).
@@ -106,6 +111,7 @@ class RedisRegistry:
         self._dead = script(lua.PREAMBLE + lua.DEAD)
         self._reap = script(lua.PREAMBLE + lua.REAP)
         self._expire = script(lua.PREAMBLE + lua.EXPIRE)
+        self._recover = script(lua.PREAMBLE + lua.RECOVER)
         self._claim = script(lua.PREAMBLE + lua.CLAIM)
         self._groups: set[str] = set()  # streams whose consumer group this process made
         self._next_autoclaim = 0.0
@@ -177,8 +183,10 @@ class RedisRegistry:
             body,
             "" if max_queued is None else max_queued,
         ]
-        with self._guard("create a task"):
+        with self._guard("create a task", sent_write=True):
             reply = self._create(keys=[self._task(record.id)], args=args)
+        if reply[0] == b"void":  # settled by recover(): this call had already failed
+            raise RegistryUnavailable(f"task {record.id} was given up after a failed create")
         if reply[0] == b"full":
             raise RegistryFull(f"the registry holds its maximum of {self.max_tasks} tasks")
         if reply[0] == b"busy":
@@ -186,6 +194,15 @@ class RedisRegistry:
         if reply[0] == b"existing":
             return lua.decode(lua.pairs(reply[1]))
         return record.copy()
+
+    def recover(self, task_id: str) -> TaskRecord | None:
+        """After a create of ``task_id`` that raised :class:`MaybeWritten`: the task if
+        Redis stored it after all, else ``None``, and a late run of that create (still
+        in a stalled server's buffers) will store nothing."""
+        with self._guard("recover a task"):
+            reply = self._recover(keys=[self._task(task_id)],
+                                  args=[self.prefix, task_id, VOID_SECONDS])
+        return lua.decode(lua.pairs(reply)) if reply else None
 
     # -- the queue: Redis Streams, one per route, one consumer group --------------
 
@@ -447,11 +464,20 @@ class RedisRegistry:
             return listener
 
     @contextmanager
-    def _guard(self, action: str) -> Iterator[None]:
-        """Turn redis-py errors into registry errors."""
+    def _guard(self, action: str, sent_write: bool = False) -> Iterator[None]:
+        """Turn redis-py errors into registry errors.
+
+        With ``sent_write``, an error after connecting (the command may have been
+        read, and may yet run) is :class:`MaybeWritten`.
+        """
         try:
             yield
         except _UNAVAILABLE as exc:
+            if sent_write and "onnecting to" not in str(exc):  # redis-py's connect errors
+                raise MaybeWritten(
+                    f"Redis registry at {self._where} stopped answering, cannot {action} "
+                    f"(it may still be stored): {exc}"
+                ) from exc
             raise RegistryUnavailable(
                 f"Redis registry at {self._where} is unavailable, cannot {action}: {exc}"
             ) from exc

@@ -14,8 +14,8 @@ from .base import StoredResponse, TaskRecord, TaskStatus
 
 __all__ = [
     "CLAIM", "CREATE", "DEAD", "DELETE", "EXPIRE", "FAIL", "FIELDS_JSON", "FINISH", "GROUP",
-    "HEARTBEAT", "PREAMBLE", "PROGRESS", "REAP", "START", "decode", "decode_json", "encode",
-    "pairs",
+    "HEARTBEAT", "PREAMBLE", "PROGRESS", "REAP", "RECOVER", "START", "decode", "decode_json",
+    "encode", "pairs",
 ]
 
 # -- Lua ---------------------------------------------------------------------
@@ -91,6 +91,8 @@ end
 # max_queued or '' (a task of the queue: added to its route's stream, bounded).
 CREATE = """
 local id, has_key = ARGV[2], ARGV[4] ~= ''
+-- Its submit failed and was settled (RECOVER) before this late run: store nothing.
+if redis.call('EXISTS', P .. 'void:' .. id) == 1 then return {'void'} end
 local key = string.sub(ARGV[4], 2)
 if has_key then
   local existing = redis.call('GET', P .. 'key:' .. key)
@@ -131,6 +133,15 @@ if queue then
   redis.call('INCR', P .. 'queued')
 end
 return {'created'}
+"""
+
+# After a create that failed once it was sent (a timeout): the task as stored, or,
+# when it is not, a mark that makes a late run of that create store nothing.
+# KEYS: task.  ARGV: prefix, id, seconds the mark is kept.
+RECOVER = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('HGETALL', KEYS[1]) end
+redis.call('SET', P .. 'void:' .. ARGV[2], '1', 'EX', ARGV[3])
+return false
 """
 
 # A transition that may be re-sent (redis-py sends a command again when the

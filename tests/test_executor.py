@@ -187,3 +187,28 @@ def test_check_uwsgi_threads_refuses_a_uwsgi_without_threads(
         with monkeypatch.context() as patch:
             patch.setattr(stand_in, name, value)
             check_uwsgi_threads()  # threads on: accepted
+
+
+def test_a_running_job_can_give_back_its_place_before_it_ends() -> None:
+    pool = WorkerPool(max_workers=1, max_queued=1, max_pending_bytes=100)
+    gate = threading.Event()
+    released = threading.Event()
+
+    class Releasing(Job):
+        def run(self) -> None:
+            pool.release_running()
+            pool.release_running()  # a second call gives back nothing more
+            released.set()
+            super().run()
+
+    job = Releasing(gate, size=100)
+    pool.submit(job)
+    assert released.wait(5)
+    assert pool.free_slots == 2  # its place is free while it still runs...
+    pool.reserve(100)  # ...and so are its bytes
+    pool.release(100)
+    pool.release_running()  # outside a worker thread: nothing to give back
+    assert pool.free_slots == 2
+    gate.set()
+    assert job.ran.wait(5)
+    assert pool.shutdown(wait=True, timeout=5)  # every place back, none given back twice

@@ -368,7 +368,7 @@ def test_bodies_held_by_pending_tasks_are_bounded(cleanup: list[AsyncMiddleware]
 
 def test_stored_results_are_bounded_in_memory(cleanup: list[AsyncMiddleware]) -> None:
     _, app = make(
-        cleanup, echo_app, max_stored_bytes=3000, max_body_size=2000
+        cleanup, echo_app, max_stored_bytes=3000, max_body_size=2000, max_pending_bytes=3000
     )
     first = app.post("/async", b"a" * 2000).headers["Location"]
     assert wait_result(app, first, status=201).body == b"echo:" + b"a" * 2000
@@ -1159,7 +1159,7 @@ def test_a_result_replaced_by_a_507_is_logged_as_such(
     cleanup: list[AsyncMiddleware], caplog: pytest.LogCaptureFixture
 ) -> None:
     _, app = make(
-        cleanup, echo_app, max_stored_bytes=3000, max_body_size=2000
+        cleanup, echo_app, max_stored_bytes=3000, max_body_size=2000, max_pending_bytes=3000
     )
     with caplog.at_level(logging.INFO, logger="wsgi_async"):
         wait_result(app, app.post("/async", b"a" * 2000).headers["Location"], status=201)
@@ -1173,3 +1173,33 @@ def test_a_result_replaced_by_a_507_is_logged_as_such(
             time.sleep(0.01)
     line = next(line for line in lines if second in line)
     assert "outcome=failed status=507" in line, line
+
+
+def test_a_submit_right_after_a_result_is_not_refused_for_its_budget(
+    cleanup: list[AsyncMiddleware],
+) -> None:
+    """A task's place and request bytes are given back before its result is visible."""
+    _, app = make(cleanup, echo_app, max_body_size=3000, max_pending_bytes=3000)
+    answers: list[int] = []
+
+    class SubmitOnOutcome(logging.Handler):
+        # The outcome line is logged once the result is stored, in the task's own
+        # thread: a submit from there is the earliest a client could make.
+        def emit(self, record: logging.LogRecord) -> None:
+            if "outcome=" in record.getMessage() and not answers:
+                answers.append(app.post("/async", b"b" * 2000, status="*").status_int)
+
+    logger = logging.getLogger("wsgi_async")
+    handler, level = SubmitOnOutcome(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        first = app.post("/async", b"a" * 2000).headers["Location"]
+        wait_result(app, first, status=201)
+        deadline = time.monotonic() + 5
+        while not answers and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert answers == [202]

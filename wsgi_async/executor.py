@@ -88,6 +88,7 @@ class WorkerPool:
         self._threads: list[threading.Thread] = []
         self._idle = 0
         self._closed = False
+        self._running = threading.local()  # the job each worker thread runs, until released
 
     @property
     def capacity(self) -> int:
@@ -131,6 +132,21 @@ class WorkerPool:
             self._reserved -= 1
             self._bytes -= size
 
+    def release_running(self) -> None:
+        """Give back the place and bytes of the job this worker thread runs, now.
+
+        A task calls it just before its result is stored: a client that sees the
+        result and submits again at once must find the place free.  Outside a
+        worker thread, or a second time, it does nothing.
+        """
+        job: Job | None = getattr(self._running, "job", None)
+        if job is None:
+            return
+        self._running.job = None
+        with self._lock:
+            self._reserved -= 1
+            self._bytes -= job.size
+
     def submit(self, job: Job) -> None:
         """Reserve a place and queue ``job``; raise :class:`QueueFull` at the bound."""
         self.reserve(job.size)
@@ -168,14 +184,18 @@ class WorkerPool:
             job = jobs.get()
             if job is None:
                 return
+            self._running.job = job
             try:
                 job.run()
             except BaseException:  # nothing may end a worker thread but the stop signal
                 log.exception("wsgi_async: a task job raised")
             finally:
+                unreleased = self._running.job is not None
+                self._running.job = None
                 with self._lock:
-                    self._reserved -= 1
-                    self._bytes -= job.size
+                    if unreleased:
+                        self._reserved -= 1
+                        self._bytes -= job.size
                     self._idle += 1
 
     def shutdown(self, wait: bool = True, timeout: float | None = None) -> bool:

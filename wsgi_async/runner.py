@@ -51,6 +51,9 @@ class TaskRunner:
     worker_id: Callable[[], str]
     max_result_size: int
     observer: Observer = field(default_factory=Observer)
+    # Called once the application is done with the request, before the result is
+    # stored: the pool gives back the task's place and bytes (WorkerPool.release_running).
+    release: Callable[[], None] = lambda: None
 
     def run(self, task_id: str, request: RequestSnapshot, *, multiprocess: bool) -> None:
         worker = self.worker_id()
@@ -76,6 +79,7 @@ class TaskRunner:
         environ = task_environ(request, handle, multiprocess=multiprocess)
         status, response = self._drive(task_id, record.route, environ, deadline)
         handle.flush()  # the latest progress lands before the result
+        self.release()
         stored = self._store(task_id, worker, status, response)
         if isinstance(stored, StoredResponse):  # the registry stored this failure instead
             status, response, stored = TaskStatus.FAILED, stored, True

@@ -119,7 +119,7 @@ class TaskService:
         )
         self.runner = TaskRunner(
             app, registry, self.supervisor, self.worker_id, options.max_result_size,
-            self.observer,
+            self.observer, self.pool.release_running,
         )
 
     def worker_id(self) -> str:

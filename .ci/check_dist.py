@@ -92,6 +92,13 @@ def check_install(artifact: Path, version: str, work: Path) -> None:
         status, _, body = request(base + headers["Location"], headers={"Prefer": "wait=10"})
         if status != 201 or json.loads(body)["you_sent"] != "hello":
             sys.exit(f"check_dist: the result was {status} {body!r}")
+        # The base install is enough for the client too (its progress bar included).
+        called = subprocess.run([str(command), "call", base + "/reports?seconds=0.3", "-d", "hi"],
+                                capture_output=True, timeout=60)
+        if (called.returncode != 0 or json.loads(called.stdout)["you_sent"] != "hi"
+                or b"waiting for" not in called.stderr):
+            sys.exit(f"check_dist: wsgi-async call exited {called.returncode}: "
+                     f"{called.stdout!r} {called.stderr!r}")
     finally:
         os.kill(process.pid, signal.SIGTERM)
         try:
@@ -100,7 +107,8 @@ def check_install(artifact: Path, version: str, work: Path) -> None:
             os.kill(process.pid, signal.SIGKILL)
             process.wait()
         log.close()
-    print(f"check_dist: {artifact.name} installs in a fresh venv and serves the demo")
+    print(f"check_dist: {artifact.name} installs in a fresh venv, serves the demo, and "
+          "wsgi-async call follows it")
 
 
 def main() -> None:

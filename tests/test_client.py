@@ -111,6 +111,13 @@ def test_follows_any_location(base: str, style: str) -> None:
     assert all(poll["authorization"] == (style != "other-origin") for poll in polls)
 
 
+def test_a_pending_poll_without_location_keeps_polling(base: str) -> None:
+    progress: list[Any] = []
+    response = client.call(f"{base}/mimic/jobs?steps=3&step=0.2&bare=1",
+                           on_progress=progress.append)
+    assert (response.status, response.body) == (200, RESULT) and progress
+
+
 @pytest.mark.parametrize("style", ["see-other", "see-other-submit"])
 def test_follows_see_other(base: str, style: str) -> None:
     response = client.call(f"{base}/mimic/jobs?steps=2&step=0.2&style={style}")

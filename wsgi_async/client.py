@@ -217,11 +217,12 @@ def call(
                 if reply.status == 303 or (reply.status in (301, 302) and verb != "HEAD"):
                     verb, body = ("HEAD" if verb == "HEAD" else "GET"), None
                 continue
-            if reply.status != 202 or not location:
+            # A 202 with a Location is a task to follow; once following, a 202 without
+            # one means the task is still pending at the URL just polled.
+            if reply.status != 202 or not (location or task_url):
                 return Response(reply.status, reply.reason, reply.headers, reply.body,
                                 target, task_url)
-            # 202 Accepted + Location: a task to follow.
-            new_url = _check_url(urljoin(target, location.strip()))
+            new_url = _check_url(urljoin(target, location.strip())) if location else target
             if new_url != task_url:
                 task_url = new_url
                 if on_task is not None:

@@ -15,7 +15,8 @@ middleware.  It ignores ``Prefer: wait`` and logs every request it gets:
   (``absolute``), absolute on another origin (``other-origin``: ``localhost``
   instead of ``127.0.0.1``), or a 303 to the status (``see-other-submit``);
 * ``GET /mimic/status/<id>`` answers 202 with ``{"status", "progress"}`` and
-  ``Retry-After: R`` while the N steps of S seconds run, then the result directly
+  ``Retry-After: R`` (and its own ``Location``, unless ``bare=1``) while the N
+  steps of S seconds run, then the result directly
   (a 500 with ``fail=1``), or ``303 See Other`` to ``/mimic/result/<id>``
   (``style=see-other``); ``410`` once cancelled;
 * ``DELETE /mimic/status/<id>`` cancels (``204``);
@@ -118,6 +119,7 @@ def _submit(environ: dict, start_response, host: str) -> list[bytes]:
         "started": time.monotonic(), "steps": int(query.get("steps", "3")),
         "step": float(query.get("step", "0.2")), "style": style,
         "retry": query.get("retry", "0"), "fail": bool(query.get("fail")), "cancelled": False,
+        "bare": bool(query.get("bare")),
     }
     with _lock:
         _jobs[job_id] = job
@@ -149,9 +151,10 @@ def _status(start_response, job_id: str, job: dict[str, object]) -> list[bytes]:
         progress = {"current": done, "total": steps, "percent": round(100 * done / steps, 1),
                     "message": f"step {done} of {steps}"}
         body = json.dumps({"id": job_id, "status": "running", "progress": progress}).encode()
-        return _answer(start_response, "202 Accepted", body, [
-            ("Content-Type", "application/json"), ("Retry-After", str(job["retry"])),
-            ("Location", f"/mimic/status/{job_id}")])
+        headers = [("Content-Type", "application/json"), ("Retry-After", str(job["retry"]))]
+        if not job["bare"]:
+            headers.append(("Location", f"/mimic/status/{job_id}"))
+        return _answer(start_response, "202 Accepted", body, headers)
     if job["fail"]:
         return _answer(start_response, "500 Internal Server Error", b'{"error": "it broke"}',
                        [("Content-Type", "application/json")])

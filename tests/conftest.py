@@ -29,6 +29,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                      help="also run the load tests (marked load; .ci/run does)")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """With ``WSGI_ASYNC_COMPAT_JSON`` set, record the server and framework tests' outcomes
+    there, for the README's compatibility table (tests/compat.py)."""
+    path = os.environ.get("WSGI_ASYNC_COMPAT_JSON")
+    if path:
+        from compat import Recorder
+
+        config.pluginmanager.register(Recorder(Path(path)), "wsgi-async-compat")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Load tests take minutes: they run with ``--load`` (as in .ci/run), else skip saying so."""
     if config.getoption("--load"):

@@ -461,6 +461,7 @@ class ServerFileWrapper:
         raise AssertionError("a task used the file_wrapper of a request that has ended")
 
 
+@pytest.mark.compat("flask")
 def test_flask_send_file_route_made_async(files: Path) -> None:
     stack = build_stack("flask", files, **{"wsgi.file_wrapper": ServerFileWrapper})
     try:
@@ -475,6 +476,7 @@ def test_flask_send_file_route_made_async(files: Path) -> None:
         stack.middleware.shutdown(timeout=10)
 
 
+@pytest.mark.compat("flask")
 def test_flask_own_error_page_is_replayed(files: Path) -> None:
     """Without PROPAGATE_EXCEPTIONS, Flask answers its own 500 page: that is the stored result."""
     require("webtest", "flask")

@@ -512,6 +512,7 @@ def test_failing_route_is_a_stored_500_without_traceback(served: Running) -> Non
 # -- uWSGI without --enable-threads -------------------------------------------------------
 
 
+@pytest.mark.compat("uwsgi")
 def test_uwsgi_without_enable_threads(tmp_path: Path) -> None:
     """uWSGI started without --enable-threads (nor --threads).
 

@@ -81,7 +81,7 @@ class Spec:
 
 SERVERS = [
     Spec("gunicorn-sync", "gunicorn", _gunicorn("sync", 1)),
-    Spec("gunicorn-gthread-w3", "gunicorn", _gunicorn("gthread", 3)),
+    Spec("gunicorn-gthread", "gunicorn", _gunicorn("gthread", 3)),  # -w 3
     Spec("waitress", "waitress",
          lambda port: [sys.executable, "-m", "waitress", f"--listen=127.0.0.1:{port}",
                        "drainapp:application"]),
@@ -213,8 +213,9 @@ def test_sigterm_lets_running_tasks_finish_and_fails_queued_ones(
 
 
 @pytest.mark.redis
+@pytest.mark.compat("gunicorn-gthread")
 def test_sigterm_drain_on_redis(registry_url: str, tmp_path: Path) -> None:
-    spec = next(s for s in SERVERS if s.name == "gunicorn-gthread-w3")
+    spec = next(s for s in SERVERS if s.name == "gunicorn-gthread")
     require(spec)
     run(spec, registry_url, tmp_path)
 
@@ -247,10 +248,11 @@ def run(spec: Spec, url: str, tmp_path: Path) -> None:
     assert took < DRAIN + 3, log
 
 
+@pytest.mark.compat("gunicorn-gthread")
 def test_replayable_queued_tasks_are_left_for_another_process(tmp_path: Path) -> None:
     """SIGTERM to one gunicorn worker: its running tasks finish there, its queued ones are
     replayed by the other workers once its lease lapses (its replacement, too, may)."""
-    spec = next(s for s in SERVERS if s.name == "gunicorn-gthread-w3")
+    spec = next(s for s in SERVERS if s.name == "gunicorn-gthread")
     require(spec)
     url = f"sqlite:///{tmp_path / 'tasks.db'}"
     server = Server(spec, url, tmp_path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing
 import os
@@ -643,4 +644,81 @@ def test_a_notify_directory_made_by_someone_else_is_not_used(
         assert list(theirs.iterdir()) == []  # no socket of ours in their folder
         assert "cannot listen for task completions" in caplog.text
     finally:
+        registry.close()
+
+
+# -- the file deleted under a running registry ---------------------------------------
+
+
+def create_on_request(path: str, pipe: Connection) -> None:
+    """Child: a registry opened before the file is deleted; creates a task when asked."""
+    registry = SQLiteRegistry(path)
+    try:
+        registry.create(new_task("child"))  # its connection is open on the first file
+        pipe.send("ready")
+        while pipe.recv():
+            try:
+                pipe.send(registry.create(new_task("child")).id)
+            except Exception as exc:  # reported to the parent, which fails the test
+                pipe.send(repr(exc))
+    finally:
+        registry.close()
+        pipe.close()
+
+
+@pytest.mark.parametrize("leftovers", ["kept", "deleted"])
+def test_a_deleted_database_file_is_recreated_for_every_thread_and_process(
+    db_path: Path, caplog: pytest.LogCaptureFixture, leftovers: str
+) -> None:
+    """``rm tasks.db`` (with or without its -wal and -shm) while processes use it: every
+    thread and process goes on with one new file, instead of old connections writing
+    into the deleted one while new ones find an empty file without tables."""
+    registry = SQLiteRegistry(db_path)
+    ours, theirs = SPAWN.Pipe()
+    child = SPAWN.Process(target=create_on_request, args=(str(db_path), theirs), daemon=True)
+    child.start()
+    try:
+        assert ours.poll(60) and ours.recv() == "ready"
+        before = registry.create(new_task())
+        opened = threading.Event()
+        go = threading.Event()
+        made: list[str] = []
+
+        def old_thread() -> None:  # a thread whose connection was opened on the old file
+            registry.get(before.id)
+            opened.set()
+            go.wait(10)
+            made.append(registry.create(new_task()).id)
+
+        thread = threading.Thread(target=old_thread)
+        thread.start()
+        assert opened.wait(10)
+        os.unlink(db_path)
+        if leftovers == "deleted":
+            for suffix in ("-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(f"{db_path}{suffix}")
+        made.append(registry.create(new_task()).id)  # the thread that noticed first
+        go.set()
+        thread.join(10)
+        ours.send(True)
+        assert ours.poll(30)
+        made.append(ours.recv())
+        fresh: list[str] = []
+        newcomer = threading.Thread(target=lambda: fresh.append(registry.create(new_task()).id))
+        newcomer.start()
+        newcomer.join(10)
+        made += fresh
+        assert len(made) == 4, made
+        reader = SQLiteRegistry(db_path)  # a process started after the delete
+        try:
+            assert all(reader.get(task_id) is not None for task_id in made), made
+            assert reader.get(before.id) is None  # lost with the deleted file
+        finally:
+            reader.close()
+        assert "deleted or replaced" in caplog.text
+        ours.send(False)
+    finally:
+        ours.close()
+        stop(child)
         registry.close()

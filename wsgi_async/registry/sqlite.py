@@ -83,6 +83,7 @@ class SQLiteRegistry:
         self.max_tasks = max_tasks
         self.busy_timeout = float(busy_timeout)
         self._closed = False
+        self._ready = False
         self._inherited: list[_Process] = []
         self.notify_directory = notify_directory(self.path)
         self._process = _Process(self.notify_directory)
@@ -90,6 +91,7 @@ class SQLiteRegistry:
         try:
             create_private(self.path)
             self._create_schema()
+            self._ready = True  # from now on a missing file was deleted: made again
         except BaseException:
             self.close()
             raise
@@ -487,8 +489,18 @@ class SQLiteRegistry:
             raise RegistryUnavailable(f"SQLite registry {self.path} is closed")
         process = self._state()
         db: sqlite3.Connection | None = getattr(process.local, "db", None)
+        # One stat a call: an old connection would go on writing into a deleted file.
+        identity = _identity(self.path)
         if db is not None:
-            return db
+            if identity == process.local.file:
+                return db
+            return self._reopen(process, db)
+        if identity is None and self._ready:  # deleted before this thread's first call
+            return self._reopen(process, None)
+        return self._open(process)
+
+    def _open(self, process: _Process) -> sqlite3.Connection:
+        """This thread's connection, on the file at ``path`` now."""
         db = sqlite3.connect(
             self.path,
             timeout=self.busy_timeout,
@@ -503,6 +515,40 @@ class SQLiteRegistry:
         if not process.adopt(db):
             db.close()
             raise RegistryUnavailable(f"SQLite registry {self.path} is closed")
+        process.local.file = _identity(self.path)
+        return db
+
+    def _reopen(self, process: _Process, stale: sqlite3.Connection | None) -> sqlite3.Connection:
+        """The file was deleted or replaced under us: go on with the one at ``path``.
+
+        Whoever finds it missing makes it again, under a lock shared by every
+        process (a file beside it), after removing the old ``-wal`` and ``-shm``
+        (they hold the deleted file's pages); every thread and process then
+        reopens that one new file, whose schema is made if it lacks one.
+        """
+        if stale is not None:
+            process.forget(stale)
+        try:
+            lock = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise RegistryUnavailable(
+                f"SQLite registry {self.path} was deleted and cannot be made again: {exc}"
+            ) from exc
+        try:
+            _hold(lock)
+            if _identity(self.path) is None:
+                for suffix in ("-wal", "-shm", "-journal"):
+                    with contextlib.suppress(OSError):
+                        os.unlink(self.path + suffix)
+                create_private(self.path)
+            db = self._open(process)
+            if process.announced != process.local.file:
+                process.announced = process.local.file
+                log.error("wsgi_async: SQLite registry %s was deleted or replaced while in use; "
+                          "the tasks it held are lost; going on with a new file", self.path)
+            self._create_schema()
+        finally:
+            os.close(lock)  # releases the lock
         return db
 
     def _create_schema(self) -> None:
@@ -629,6 +675,7 @@ class _Process:
         self.writing = threading.Lock()
         self._lock = threading.Lock()
         self._connections: list[tuple[threading.Thread, sqlite3.Connection]] = []
+        self.announced: tuple[int, int] | None = None  # the last new file logged
 
     def adopt(self, db: sqlite3.Connection) -> bool:
         """Keep the calling thread's new connection; close those of finished threads."""
@@ -643,6 +690,13 @@ class _Process:
             stale.close()
         return True
 
+    def forget(self, db: sqlite3.Connection) -> None:
+        """Close the calling thread's connection to a file that was deleted or replaced."""
+        with self._lock:
+            self._connections = [(t, c) for t, c in self._connections if c is not db]
+        self.local.db = None
+        db.close()
+
     def close(self) -> None:
         with self._lock:
             self.closed = True
@@ -650,6 +704,24 @@ class _Process:
         for _, db in connections:
             db.close()
         self.wakeups.close()
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    """Which file ``path`` names now (device, inode); ``None`` when there is none."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+def _hold(fd: int) -> None:
+    """Wait for an exclusive ``flock`` on ``fd``, shared by every process (POSIX)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return
+    fcntl.flock(fd, fcntl.LOCK_EX)
 
 
 _registries: weakref.WeakSet[SQLiteRegistry] = weakref.WeakSet()

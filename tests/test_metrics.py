@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -215,8 +216,15 @@ def request(port: int, method: str, path: str, body: bytes | None = None,
         connection.close()
 
 
+@dataclass
+class Deployment:
+    port: int
+    folder: Path
+    env: dict[str, str]
+
+
 @pytest.fixture
-def gunicorn(tmp_path: Path) -> Iterator[int]:
+def gunicorn(tmp_path: Path) -> Iterator[Deployment]:
     (tmp_path / "metricsapp.py").write_text(APP)
     (tmp_path / "gunicorn_conf.py").write_text(GUNICORN_CONFIG)
     (tmp_path / "prom").mkdir()
@@ -242,15 +250,15 @@ def gunicorn(tmp_path: Path) -> Iterator[int]:
             except OSError:
                 assert time.monotonic() < deadline, "gunicorn did not start in 20 s"
                 time.sleep(0.1)
-        yield port
+        yield Deployment(port, tmp_path, env)
     finally:
         os.killpg(process.pid, signal.SIGKILL)  # our child leads its group: master and workers
         process.wait(10)
         log.close()
 
 
-def test_a_live_gunicorn_with_two_workers_reports_the_sum_of_both(gunicorn: int) -> None:
-    port = gunicorn
+def test_a_live_gunicorn_with_two_workers_reports_the_sum_of_both(gunicorn: Deployment) -> None:
+    port = gunicorn.port
     locations = []
     for path in ["/slow"] * 6 + ["/fail"] * 2:
         status, headers, _ = request(port, "POST", path, b"x")
@@ -307,3 +315,26 @@ def test_a_live_gunicorn_with_two_workers_reports_the_sum_of_both(gunicorn: int)
         assert long_polls == 1, "the held long-poll is counted by whichever process scrapes"
     finally:
         held.join(15)
+
+    # A worker process built from the same middleware records into the same folder.
+    command = Path(sys.executable).parent / "wsgi-async"
+    with (gunicorn.folder / "worker.log").open("wb") as log:
+        worker = subprocess.Popen([str(command), "worker", "metricsapp:middleware", "--threads",
+                                   "2", "--grace", "1"], cwd=gunicorn.folder, env=gunicorn.env,
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        for location in queued:
+            for _ in range(10):
+                status, _, _ = request(port, "GET", location, headers={"Prefer": "wait=3"})
+                if status != 202:
+                    break
+            assert status == 200, (gunicorn.folder / "worker.log").read_text()
+        samples = parse(request(port, "GET", "/metrics")[2].decode())
+        assert value(samples, "wsgi_async_queue_depth") == 0
+        assert value(samples, "wsgi_async_tasks_finished_total", route="^/queued",
+                     outcome="done", status_class="2xx") == 3
+        assert value(samples, "wsgi_async_task_queue_wait_seconds_count", route="^/queued") == 3
+        assert value(samples, "wsgi_async_tasks_accepted_total", route="^/queued") == 3
+    finally:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait(10)

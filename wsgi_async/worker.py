@@ -202,5 +202,7 @@ def build_worker(
         store = open_registry(registry, max_tasks=options.max_tasks)
         queued = list(routes)
         wsgi_app = app
-    service = TaskService(wsgi_app, store, replace(options, max_workers=threads))
+    # A middleware's metrics go on here (into PROMETHEUS_MULTIPROC_DIR, beside the web's).
+    observer = app.service.observer if isinstance(app, AsyncMiddleware) else None
+    service = TaskService(wsgi_app, store, replace(options, max_workers=threads), observer)
     return Worker(service, queued, grace=grace)

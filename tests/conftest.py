@@ -71,19 +71,23 @@ def require_redis(url: str = REDIS_URL) -> None:
         pytest.skip(f"Redis is unreachable at {url}: {exc}")
 
 
-def make_registry(kind: str, tmp_path: Path, max_tasks: int = 10_000) -> Registry:
+def make_registry(
+    kind: str, tmp_path: Path, max_tasks: int = 10_000, tombstone_ttl: float = 86_400.0
+) -> Registry:
     if kind == "memory":
-        return MemoryRegistry(max_tasks=max_tasks)
+        return MemoryRegistry(max_tasks=max_tasks, tombstone_ttl=tombstone_ttl)
     if kind == "sqlite":
         from wsgi_async.registry.sqlite import SQLiteRegistry
 
-        return SQLiteRegistry(tmp_path / "tasks.db", max_tasks=max_tasks)
+        return SQLiteRegistry(tmp_path / "tasks.db", max_tasks=max_tasks,
+                              tombstone_ttl=tombstone_ttl)
     if kind == "redis":
         require_redis()
         from wsgi_async.registry.redis import RedisRegistry
 
         prefix = f"wsgi-async-test:{secrets.token_hex(6)}:"
-        return RedisRegistry.from_url(REDIS_URL, max_tasks=max_tasks, prefix=prefix)
+        return RedisRegistry.from_url(REDIS_URL, max_tasks=max_tasks, prefix=prefix,
+                                      tombstone_ttl=tombstone_ttl)
     raise AssertionError(kind)
 
 

@@ -230,12 +230,14 @@ def test_status_errors(cleanup: list[AsyncMiddleware]) -> None:
 def test_delete(cleanup: list[AsyncMiddleware]) -> None:
     gate = Gate()
     _, app = make(cleanup, gate)
+    cancelled = app.post("/async", b"").headers["Location"]
+    app.delete(cancelled, status=204)  # pending: cancelled (issue 11)
+    assert app.get(cancelled, status=410).json["status"] == "cancelled"
     location = app.post("/async", b"").headers["Location"]
-    assert app.delete(location, status=409).json["status"] in ("queued", "running")
     gate.opened.set()
     wait_result(app, location, status=200)
     app.delete(location, status=204)
-    app.get(location, status=404)
+    assert app.get(location, status=410).json["status"] == "deleted"
 
 
 # -- request bodies ------------------------------------------------------------------------
@@ -872,7 +874,8 @@ def test_delete_by_another_owner_is_404_and_keeps_the_task(cleanup: list[AsyncMi
     app.delete(location, status=404)  # no owner at all
     assert app.get(location, headers={"X-User": "alice"}, status=201).body == b"echo:mine"
     app.delete(location, headers={"X-User": "alice"}, status=204)
-    app.get(location, headers={"X-User": "alice"}, status=404)
+    app.get(location, headers={"X-User": "alice"}, status=410)
+    app.get(location, headers={"X-User": "mallory"}, status=404)  # not even that it existed
 
 
 @pytest.mark.parametrize("where", ["option", "route"])
@@ -885,7 +888,8 @@ def test_result_ttl_reaches_the_registry(cleanup: list[AsyncMiddleware], where: 
     wait_result(app, location, status=201)
     assert app.get(location, status=201).body == b"echo:short-lived"  # within its TTL
     time.sleep(0.7)
-    app.get(location, status=404)  # expired: read alone, no other request drops it
+    # Expired, read alone (no other request drops it): its tombstone says so.
+    assert app.get(location, status=410).json["status"] == "expired"
 
 
 def test_idempotency_keys_are_scoped_to_the_owner(cleanup: list[AsyncMiddleware]) -> None:
@@ -954,7 +958,6 @@ def test_every_response_the_middleware_makes_is_no_store(cleanup: list[AsyncMidd
         pending = app.post("/async", b"", headers={"Idempotency-Key": "k"}, status=202)
         answers[202] = pending
         location = pending.headers["Location"]
-        answers[409] = app.delete(location, status=409)
         answers[405] = app.put(location, status=405)
         answers[404] = app.get("/_async/tasks/" + "A" * 32, status=404)
         answers[413] = app.post("/async", b"x" * 11, status=413)
@@ -972,6 +975,7 @@ def test_every_response_the_middleware_makes_is_no_store(cleanup: list[AsyncMidd
         gate.opened.set()
     wait_result(app, location, status=200)
     answers[204] = app.delete(location, status=204)
+    answers[410] = app.get(location, status=410)
     for code, res in answers.items():
         assert res.status_int == code
         assert res.headers.get("Cache-Control") == "no-store", code

@@ -221,3 +221,91 @@ def test_preload_forks_after_the_middleware_is_built(kind: str, tmp_path: Path) 
         srv.stop()
         if kind == "redis":
             drop_keys(prefix)
+
+
+def connections_to_each_worker(srv: Server, count: int) -> dict[int, http.client.HTTPConnection]:
+    """Keep-alive connections, one per worker process: each answers ``/pid`` with its own."""
+    found: dict[int, http.client.HTTPConnection] = {}
+    spare: list[http.client.HTTPConnection] = []
+    for _ in range(200):
+        connection = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+        connection.request("GET", "/pid")
+        pid = int(connection.getresponse().read())
+        if pid in found:
+            spare.append(connection)
+        else:
+            found[pid] = connection
+        if len(found) == count:
+            break
+    for connection in spare:
+        connection.close()
+    assert len(found) == count, f"reached only the workers {sorted(found)}"
+    return found
+
+
+def ask(connection: http.client.HTTPConnection, method: str, path: str,
+        headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    connection.request(method, path, body=b"" if method == "POST" else None,
+                       headers=headers or {})
+    response = connection.getresponse()
+    return response.status, dict(response.getheaders()), response.read()
+
+
+def test_progress_and_cancel_cross_worker_processes(server_kind: str, tmp_path: Path) -> None:
+    """Submit on one gunicorn worker, follow and cancel it from the other."""
+    prefix = f"wsgi-async-mp-{secrets.token_hex(4)}:"
+    if server_kind == "redis":
+        require_redis()
+        registry = f"{REDIS_URL}?prefix={prefix}"
+    else:
+        registry = f"sqlite:///{tmp_path / 'tasks.db'}"
+    srv = Server(registry, tmp_path, "-w", "2", "--keep-alive", "60")
+    connections: dict[int, http.client.HTTPConnection] = {}
+    try:
+        connections = connections_to_each_worker(srv, 2)
+        (here, submitter), (there, follower) = connections.items()
+        status, headers, _ = ask(submitter, "POST", "/follow")
+        assert status == 202
+        location = headers["Location"]
+        task_id = location.rsplit("/", 1)[1]
+        assert running_pid(tmp_path, task_id) == here
+        deadline = time.monotonic() + 10
+        progress = None
+        while time.monotonic() < deadline:
+            status, _, body = ask(follower, "GET", location)
+            assert status == 202
+            progress = json.loads(body)["progress"]
+            if progress is not None and progress["current"] >= 3:
+                break
+            time.sleep(0.1)
+        assert progress is not None and progress["message"].endswith(f"in {here}"), progress
+        print(f"seen from worker {there}: {progress}")
+        cancelled_at = time.time()
+        status, _, _ = ask(follower, "DELETE", location)
+        assert status == 204
+        mark = tmp_path / f"{task_id}.cancelled"
+        deadline = time.monotonic() + 10
+        while not mark.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        noticed_at, pid = mark.read_text().split()
+        latency = float(noticed_at) - cancelled_at
+        print(f"worker {pid} noticed the cancel from worker {there} after {latency:.3f} s")
+        assert int(pid) == here
+        assert latency < 2.0  # "about a second": the handle checks every 0.5 s
+        for connection in (submitter, follower):
+            status, _, body = ask(connection, "GET", location)
+            assert status == 410 and json.loads(body)["status"] == "cancelled"
+        time.sleep(0.2)  # the late result was offered, and refused
+        status, _, body = ask(submitter, "GET", location)
+        assert status == 410 and json.loads(body)["status"] == "cancelled"
+    finally:
+        for connection in connections.values():
+            connection.close()
+        srv.stop()
+        if server_kind == "redis":
+            drop_keys(prefix)
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def server_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)

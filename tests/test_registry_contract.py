@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from pathlib import Path
@@ -460,3 +461,157 @@ def test_concurrent_progress_writes_and_a_finish_never_tear(registry: Registry) 
     assert after_finish and not any(after_finish)  # no write lands once it is final
     got = registry.get(record.id)
     assert got is not None and got.status is TaskStatus.DONE and got.response == OK
+
+
+# -- cancellation and tombstones (issue 11) ----------------------------------------------
+
+GONE = StoredResponse("410 Gone", (("Content-Type", "application/json"),), b'{"status":"x"}')
+
+
+def test_a_cancelled_queued_task_never_starts(registry: Registry) -> None:
+    record = registry.create(new_task(owner="o1"))
+    assert registry.cancel(record.id, GONE) is True
+    assert registry.start(record.id, "w1") is None
+    got = registry.get(record.id)
+    assert got is not None and got.status is TaskStatus.CANCELLED and got.response == GONE
+    assert got.status.is_final and got.finished_at is not None
+    assert registry.cancel(record.id, GONE) is False
+    assert registry.fail(record.id, BOOM) is False
+    assert registry.cancel("nope", GONE) is False
+
+
+def test_a_cancelled_running_task_loses_its_late_result(registry: Registry) -> None:
+    record = registry.create(new_task())
+    registry.start(record.id, "w1")
+    assert registry.cancel(record.id, GONE) is True
+    assert registry.is_running(record.id, "w1") is False
+    assert registry.progress(record.id, "w1", {"current": 1}) is False
+    assert registry.finish(record.id, "w1", TaskStatus.DONE, OK) is False
+    got = registry.get(record.id)
+    assert got is not None and got.status is TaskStatus.CANCELLED and got.response == GONE
+
+
+def test_a_cancel_wakes_a_long_poll(registry: Registry) -> None:
+    record = registry.create(new_task())
+    registry.start(record.id, "w1")
+    threading.Timer(0.2, registry.cancel, (record.id, GONE)).start()
+    began = time.monotonic()
+    got = registry.wait(record.id, 5)
+    assert time.monotonic() - began < 3
+    assert got is not None and got.status is TaskStatus.CANCELLED
+
+
+def test_cancel_racing_finish_ends_in_exactly_one_outcome(registry: Registry) -> None:
+    tasks = [registry.create(new_task()) for _ in range(60)]
+    for task in tasks:
+        registry.start(task.id, "w1")
+    wins: dict[str, list[str]] = {task.id: [] for task in tasks}
+    lock = threading.Lock()
+    go = threading.Barrier(4)
+
+    def race(kind: str) -> None:
+        go.wait()
+        # Finishers go forwards and cancellers backwards: they meet in the middle.
+        for task in tasks if kind == "finish" else reversed(tasks):
+            if kind == "finish":
+                won = registry.finish(task.id, "w1", TaskStatus.DONE, OK)
+            else:
+                won = registry.cancel(task.id, GONE)
+            if won:
+                with lock:
+                    wins[task.id].append(kind)
+
+    threads = [threading.Thread(target=race, args=(k,)) for k in ("finish", "cancel") * 2]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for task in tasks:
+        assert len(wins[task.id]) == 1, wins[task.id]
+        got = registry.get(task.id)
+        assert got is not None
+        expected = TaskStatus.DONE if wins[task.id] == ["finish"] else TaskStatus.CANCELLED
+        assert got.status is expected
+        assert got.response == (OK if expected is TaskStatus.DONE else GONE)
+    outcomes = {kind for won in wins.values() for kind in won}
+    print(f"outcomes seen: {sorted(outcomes)}")
+
+
+def test_a_forgotten_task_leaves_a_tombstone_saying_why(registry: Registry) -> None:
+    assert registry.gone("never-existed-" + "x" * 10) is None
+    done = registry.create(new_task(owner="o1"))
+    registry.start(done.id, "w1")
+    registry.finish(done.id, "w1", TaskStatus.DONE, OK)
+    assert registry.delete(done.id) is True
+    tomb = registry.gone(done.id)
+    assert tomb is not None and (tomb.id, tomb.status, tomb.owner) == (done.id, "deleted", "o1")
+    cancelled = registry.create(new_task())
+    registry.cancel(cancelled.id, GONE)
+    registry.delete(cancelled.id)
+    tomb = registry.gone(cancelled.id)
+    assert tomb is not None and (tomb.status, tomb.owner) == ("cancelled", None)
+    pending = registry.create(new_task())
+    assert registry.gone(pending.id) is None  # still held: no tombstone to read
+
+
+@pytest.mark.parametrize("final", [TaskStatus.DONE, TaskStatus.CANCELLED])
+def test_an_expired_task_is_gone_as_expired_or_cancelled(
+    registry: Registry, final: TaskStatus
+) -> None:
+    record = registry.create(new_task(result_ttl=0.2, owner="o1"))
+    registry.start(record.id, "w1")
+    if final is TaskStatus.DONE:
+        registry.finish(record.id, "w1", TaskStatus.DONE, OK)
+    else:
+        registry.cancel(record.id, GONE)
+    time.sleep(0.4)
+    assert registry.get(record.id) is None
+    expected = "expired" if final is TaskStatus.DONE else "cancelled"
+    tomb = registry.gone(record.id)  # before any sweep
+    assert tomb is not None and (tomb.status, tomb.owner) == (expected, "o1")
+    registry.expire()
+    tomb = registry.gone(record.id)  # after the sweep
+    assert tomb is not None and (tomb.status, tomb.owner) == (expected, "o1")
+
+
+def test_tombstones_expire_after_their_ttl(backend: str, tmp_path: Path) -> None:
+    registry = make_registry(backend, tmp_path, tombstone_ttl=0.3)
+    try:
+        record = registry.create(new_task())
+        registry.cancel(record.id, GONE)
+        registry.delete(record.id)
+        assert registry.gone(record.id) is not None
+        time.sleep(0.5)
+        registry.expire()
+        assert registry.gone(record.id) is None
+    finally:
+        _cleanup(registry)
+
+
+def test_tombstones_are_bounded_by_max_tasks_oldest_dropped_first(
+    backend: str, tmp_path: Path
+) -> None:
+    registry = make_registry(backend, tmp_path, max_tasks=5)
+    try:
+        ids = []
+        for _ in range(40):
+            record = registry.create(new_task())
+            registry.cancel(record.id, GONE)
+            registry.delete(record.id)
+            ids.append(record.id)
+        kept = [task_id for task_id in ids if registry.gone(task_id) is not None]
+        assert kept == ids[-5:]
+        prefix = getattr(registry, "prefix", None)
+        client = getattr(registry, "client", None)
+        if prefix and client is not None:  # Redis: the stored keys themselves are bounded
+            keys = list(client.scan_iter(match=prefix + "gone*", count=1000))
+            assert len(keys) <= 6  # five tombstones and their index
+        path = getattr(registry, "path", None)
+        if path is not None:  # SQLite: so are the rows
+            import sqlite3
+
+            with contextlib.closing(sqlite3.connect(path)) as db:
+                (rows,) = db.execute("SELECT count(*) FROM tombstones").fetchone()
+            assert rows == 5
+    finally:
+        _cleanup(registry)

@@ -75,6 +75,7 @@ class Options:
     owner: OwnerFunc | None = None
     executor: Executor = "threads"
     metrics: bool | str = False
+    tombstone_ttl: float = 86_400.0
 
     def route_for(self, path: str, method: str) -> Route | None:
         for route in self.routes:
@@ -252,7 +253,7 @@ def build_options(routes: object, **options: Any) -> Options:
                  "retry_after"):
         if name in options:
             checked[name] = _positive(name, options[name], integer=True)
-    for name in ("result_ttl", "max_wait", "lease_time", "drain_timeout"):
+    for name in ("result_ttl", "max_wait", "lease_time", "drain_timeout", "tombstone_ttl"):
         if name in options:
             checked[name] = _positive(name, options[name])
     if "task_timeout" in options:

@@ -77,6 +77,9 @@ class AsyncMiddleware:
         caller; another caller gets ``404``.
     :param metrics: record Prometheus metrics (the ``metrics`` extra); a path
         such as ``"/metrics"`` also serves them there.
+    :param tombstone_ttl: seconds a forgotten task's id (expired, cancelled or
+        deleted) answers ``410 Gone`` rather than ``404``, for a registry
+        opened from a URL; at most ``max_tasks`` such ids are kept.
     """
 
     def __init__(
@@ -103,6 +106,7 @@ class AsyncMiddleware:
         drain_timeout: float = DEFAULTS.drain_timeout,
         owner: OwnerFunc | None = None,
         metrics: bool | str = False,
+        tombstone_ttl: float = DEFAULTS.tombstone_ttl,
     ) -> None:
         options = {
             name: value for name, value in locals().items()
@@ -154,7 +158,8 @@ class AsyncMiddleware:
     def _open(self, registry: Registry | str) -> Registry:
         if isinstance(registry, str):
             return open_registry(registry, max_tasks=self.options.max_tasks,
-                                 max_stored_bytes=self.options.max_stored_bytes)
+                                 max_stored_bytes=self.options.max_stored_bytes,
+                                 tombstone_ttl=self.options.tombstone_ttl)
         if isinstance(registry, Registry):
             return registry
         raise TypeError(f"registry must be a Registry or a URL string, got {registry!r}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -86,6 +87,39 @@ def cancelled_response(task_id: str) -> StoredResponse:
 # What an environ entry costs beyond its characters: the header of the value's str
 # object (49 bytes on 64-bit CPython) and a dict slot; keys are mostly shared.
 ENTRY_OVERHEAD = 64
+
+
+#: How long a tombstone outlives its task by default (a day), in seconds.
+TOMBSTONE_TTL = 86_400.0
+
+
+@dataclass(slots=True, frozen=True)
+class Tombstone:
+    """What is left of a task its registry no longer holds, for ``tombstone_ttl`` seconds.
+
+    ``status`` says why it is gone: ``"expired"`` (its result outlived
+    ``result_ttl``), ``"cancelled"`` or ``"deleted"``; ``owner`` is the task's,
+    so that only its owner learns that it existed.
+    """
+
+    id: str
+    status: str
+    owner: str | None = None
+
+
+def check_tombstone_ttl(value: object) -> None:
+    """A tombstone TTL is a finite number of seconds above 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"tombstone_ttl must be a number of seconds, got {value!r}")
+    if not 0 < value < math.inf:
+        raise ValueError(f"tombstone_ttl must be a finite number above 0, got {value!r}")
+
+
+def buried_as(status: TaskStatus, deleted: bool) -> str:
+    """The tombstone status of a task with ``status`` that is forgotten (or ``deleted``)."""
+    if status is TaskStatus.CANCELLED:
+        return "cancelled"
+    return "deleted" if deleted else "expired"
 
 
 @dataclass(slots=True, frozen=True)

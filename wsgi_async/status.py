@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 from .config import Options
 from .errors import RegistryError
-from .model import TaskRecord
+from .model import TaskRecord, Tombstone, cancelled_response
 from .observer import Observer
 from .prefer import parse_prefer
 from .registry import Registry
@@ -30,6 +30,13 @@ log = logging.getLogger("wsgi_async")
 
 TASK_ID = re.compile(r"[A-Za-z0-9_-]{22,64}")
 ALLOWED = "GET, HEAD, DELETE"
+# Why a task is gone, said in its 410.
+GONE = {
+    "expired": "The task expired: its result is no longer kept.",
+    "cancelled": "The task was cancelled.",
+    "deleted": "The task was deleted.",
+    "": "The task is no longer kept.",
+}
 VARY = ("Vary", "Accept")  # a pending task answers JSON or, to a browser, a page
 
 
@@ -77,7 +84,7 @@ class StatusEndpoint:
                 if record is not None and not owns(record, owner):
                     record = None
             if record is None:
-                return self._not_found(environ, start_response)
+                return self._gone(environ, start_response, task_id, owner)
             if method == "DELETE":
                 return self._delete(environ, start_response, record)
         except RegistryError as exc:
@@ -125,12 +132,27 @@ class StatusEndpoint:
     def _delete(
         self, environ: WSGIEnvironment, start_response: StartResponse, record: TaskRecord
     ) -> list[bytes]:
-        if not record.status.is_final:
-            return send_error(environ, start_response, 409,
-                              "The task has not finished; only a finished task can be deleted.",
-                              id=record.id, status=record.status.value)
+        """Cancel a pending task; forget a finished one (both leave a tombstone)."""
+        # A cancel that loses the race with the task's end finds it final: the
+        # result stands, and is forgotten like any other.
+        if not record.status.is_final and self.registry.cancel(
+            record.id, cancelled_response(record.id)
+        ):
+            log.info("wsgi_async: task %s cancelled", record.id)
+            return send_empty(start_response, 204)
         self.registry.delete(record.id)
         return send_empty(start_response, 204)
+
+    def _gone(
+        self, environ: WSGIEnvironment, start_response: StartResponse, task_id: str,
+        owner: str | None,
+    ) -> list[bytes]:
+        """``410 Gone`` for a task its caller had, that is no longer held; else ``404``."""
+        tombstone = self.registry.gone(task_id)
+        if tombstone is None or not owns(tombstone, owner):
+            return self._not_found(environ, start_response)
+        return send_error(environ, start_response, 410, GONE.get(tombstone.status, GONE[""]),
+                          id=task_id, status=tombstone.status)
 
     def _not_found(self, environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
         detail = "No such task: the id is unknown, malformed or expired."
@@ -139,7 +161,7 @@ class StatusEndpoint:
         return send_error(environ, start_response, 404, detail)
 
 
-def owns(record: TaskRecord, owner: str | None) -> bool:
+def owns(record: TaskRecord | Tombstone, owner: str | None) -> bool:
     """Whether the caller may see ``record``; compared in constant time."""
     if record.owner is None:
         return True

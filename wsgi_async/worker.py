@@ -189,7 +189,8 @@ def build_worker(
             raise ValueError("no route of the application has executor='workers': "
                              "nothing would ever reach this worker")
         store = app.registry if registry is None else open_registry(
-            registry, max_tasks=options.max_tasks, max_stored_bytes=options.max_stored_bytes)
+            registry, max_tasks=options.max_tasks, max_stored_bytes=options.max_stored_bytes,
+            tombstone_ttl=options.tombstone_ttl)
         wsgi_app = app.app
     else:
         if not callable(app):

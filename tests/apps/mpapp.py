@@ -29,6 +29,8 @@ def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
     query = parse_qs(environ.get("QUERY_STRING", ""))
     if task is not None:
         (MARKS / f"{task.id}.{task.attempt}").write_text(str(os.getpid()))
+    if path == "/follow" and task is not None:
+        return follow(task, start_response)
     seconds = float(query.get("sleep", ["0"])[0])
     if path == "/replay" and task is not None and task.attempt > 1:
         seconds = 0  # the replay finishes at once; the first attempt is killed mid-way
@@ -41,9 +43,23 @@ def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
     return [b"done:", body]
 
 
+def follow(task: Any, start_response: Any) -> Iterable[bytes]:
+    """Report progress until cancelled; leave ``<id>.cancelled`` saying when it noticed."""
+    deadline = time.monotonic() + 60
+    step = 0
+    while time.monotonic() < deadline and not task.cancelled:
+        step += 1
+        task.progress(step, None, f"step {step} in {os.getpid()}")
+        time.sleep(0.02)
+    (MARKS / f"{task.id}.cancelled").write_text(f"{time.time()} {os.getpid()}")
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"a late result nobody will see"]
+
+
 application = AsyncMiddleware(
     app,
-    routes={r"^/work$": ["POST"], r"^/replay$": {"methods": ["POST"], "replay": True}},
+    routes={r"^/work$": ["POST"], r"^/replay$": {"methods": ["POST"], "replay": True},
+            r"^/follow$": ["POST"]},
     registry=os.environ.get("WSGI_ASYNC_TEST_REGISTRY", "memory://"),
     lease_time=float(os.environ.get("WSGI_ASYNC_TEST_LEASE", "15")),
     max_workers=4,

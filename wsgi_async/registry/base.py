@@ -16,10 +16,14 @@ from ..errors import QueueFull as QueueFull
 from ..errors import RegistryError as RegistryError
 from ..errors import RegistryFull as RegistryFull
 from ..errors import RegistryUnavailable as RegistryUnavailable
+from ..model import TOMBSTONE_TTL as TOMBSTONE_TTL
 from ..model import RequestSnapshot as RequestSnapshot
 from ..model import StoredResponse as StoredResponse
 from ..model import TaskRecord as TaskRecord
 from ..model import TaskStatus as TaskStatus
+from ..model import Tombstone as Tombstone
+from ..model import buried_as as buried_as
+from ..model import check_tombstone_ttl as check_tombstone_ttl
 from ..model import error_response as error_response
 from ..model import lost_worker_response as lost_worker_response
 from ..model import require_final as require_final
@@ -172,7 +176,24 @@ class Registry(TaskQueue, Protocol):
         ...
 
     def delete(self, task_id: str) -> bool:
-        """Forget a task; ``True`` if it existed."""
+        """Forget a task, leaving a tombstone; ``True`` if it existed."""
+        ...
+
+    def cancel(self, task_id: str, response: StoredResponse) -> bool:
+        """Settle a pending task as cancelled with ``response``, whoever holds it.
+
+        ``False`` (nothing changed) when the task is unknown or already final:
+        a cancel racing the task's own ``finish`` ends in exactly one of them.
+        """
+        ...
+
+    def gone(self, task_id: str) -> Tombstone | None:
+        """The tombstone of a task no longer held (expired, cancelled or deleted).
+
+        Tombstones last ``tombstone_ttl`` seconds after their task is forgotten,
+        and a backend keeps at most ``max_tasks`` of them, the oldest dropped
+        first.  ``None`` for an id that never existed or whose tombstone expired.
+        """
         ...
 
     def request(self, task_id: str) -> RequestSnapshot | None:

@@ -12,10 +12,12 @@ from __future__ import annotations
 import heapq
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 from .base import (
+    TOMBSTONE_TTL,
     Capabilities,
     Claimed,
     RegistryError,
@@ -24,6 +26,9 @@ from .base import (
     StoredResponse,
     TaskRecord,
     TaskStatus,
+    Tombstone,
+    buried_as,
+    check_tombstone_ttl,
     error_response,
     lost_worker_response,
     require_final,
@@ -39,13 +44,24 @@ class MemoryRegistry:
         shared=False, queue=False, blocking_wait=True
     )
 
-    def __init__(self, max_tasks: int = 10_000, max_bytes: int = 1024 * 1024 * 1024) -> None:
+    def __init__(
+        self,
+        max_tasks: int = 10_000,
+        max_bytes: int = 1024 * 1024 * 1024,
+        *,
+        tombstone_ttl: float = TOMBSTONE_TTL,
+    ) -> None:
         if max_tasks < 1:
             raise ValueError(f"max_tasks must be at least 1, got {max_tasks!r}")
         if max_bytes < 1:
             raise ValueError(f"max_bytes must be at least 1, got {max_bytes!r}")
+        check_tombstone_ttl(tombstone_ttl)
         self.max_tasks = max_tasks
         self.max_bytes = max_bytes
+        self.tombstone_ttl = float(tombstone_ttl)
+        # id -> (expires at, status, owner), oldest first: one TTL for all, so
+        # insertion order is expiry order and both bounds drop from the front.
+        self._tombstones: OrderedDict[str, tuple[float, str, str | None]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
         # One condition per task being waited for: a settle wakes only its own waiters.
@@ -151,6 +167,14 @@ class MemoryRegistry:
             self._settle_locked(record, TaskStatus.FAILED, response)
             return True
 
+    def cancel(self, task_id: str, response: StoredResponse) -> bool:
+        with self._lock:
+            record = self._tasks.get(task_id)
+            if record is None or record.status.is_final:
+                return False
+            self._settle_locked(record, TaskStatus.CANCELLED, response)
+            return True
+
     def progress(self, task_id: str, worker: str, document: dict[str, object]) -> bool:
         with self._lock:
             record = self._tasks.get(task_id)
@@ -199,7 +223,15 @@ class MemoryRegistry:
 
     def delete(self, task_id: str) -> bool:
         with self._lock:
-            return self._drop_locked(task_id)
+            return self._drop_locked(task_id, deleted=True)
+
+    def gone(self, task_id: str) -> Tombstone | None:
+        with self._lock:
+            self._live_locked(task_id)  # an expired task not swept yet is buried now
+            found = self._tombstones.get(task_id)
+            if found is None or found[0] <= time.time():
+                return None
+            return Tombstone(task_id, found[1], found[2])
 
     # -- leases --------------------------------------------------------------
 
@@ -303,10 +335,12 @@ class MemoryRegistry:
             waiting.condition.notify_all()
         return response
 
-    def _drop_locked(self, task_id: str) -> bool:
+    def _drop_locked(self, task_id: str, deleted: bool = False) -> bool:
         record = self._tasks.pop(task_id, None)
         if record is None:
             return False
+        self._bury_locked(record, buried_as(record.status, deleted),
+                          None if deleted else record.expires_at)
         if record.response is not None:
             self._bytes -= len(record.response.body)
             self._finished -= 1
@@ -327,6 +361,18 @@ class MemoryRegistry:
             if held is not None:
                 held.discard(task_id)
         return True
+
+    def _bury_locked(self, record: TaskRecord, status: str, since: float | None) -> None:
+        """Leave a tombstone lasting from ``since`` (now if ``None``); drop expired ones,
+        and the oldest past ``max_tasks``."""
+        now = time.time()
+        tombstones = self._tombstones
+        while tombstones and next(iter(tombstones.values()))[0] <= now:
+            tombstones.popitem(last=False)
+        start = now if since is None else since
+        tombstones[record.id] = (start + self.tombstone_ttl, status, record.owner)
+        if len(tombstones) > self.max_tasks:
+            tombstones.popitem(last=False)
 
     def _expire_locked(self, now: float, limit: int) -> int:
         dropped = 0

@@ -14,6 +14,9 @@ Keys (all under ``prefix``)::
     stream:<route>  stream the queue of a route (executor="workers"), consumer group
                     ``workers``; an entry is acknowledged and deleted when its task ends
     queued          string how many tasks of the queue wait for a worker (max_queued)
+    gone:<id>       string "<why> <owner>": a task's tombstone, laid when it settles (TTL:
+                           result_ttl + tombstone_ttl) or is deleted (tombstone_ttl)
+    gone            zset   tombstone ids by expiry: at most max_tasks, the oldest dropped
     done            channel ids of tasks that settled or were deleted
 
 Every transition is one Lua script (in :mod:`.redis_scripts`), so it is atomic
@@ -49,6 +52,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 from ..errors import MaybeWritten
 from . import redis_scripts as lua
 from .base import (
+    TOMBSTONE_TTL,
     Capabilities,
     Claimed,
     QueueFull,
@@ -59,6 +63,8 @@ from .base import (
     StoredResponse,
     TaskRecord,
     TaskStatus,
+    Tombstone,
+    check_tombstone_ttl,
     lost_worker_response,
     require_final,
 )
@@ -88,9 +94,17 @@ class RedisRegistry:
     )
 
     def __init__(
-        self, client: redis.Redis, *, prefix: str = "wsgi-async:", max_tasks: int = 10_000
+        self,
+        client: redis.Redis,
+        *,
+        prefix: str = "wsgi-async:",
+        max_tasks: int = 10_000,
+        tombstone_ttl: float = TOMBSTONE_TTL,
     ) -> None:
         _check_options(prefix, max_tasks)
+        check_tombstone_ttl(tombstone_ttl)
+        # The last two arguments of every script that settles or deletes a task.
+        self._tombstones = [str(math.ceil(tombstone_ttl * 1000)), str(max_tasks)]
         if client.connection_pool.connection_kwargs.get("decode_responses"):
             raise ValueError("client: decode_responses must be False (bodies are raw bytes)")
         self.client = client
@@ -125,6 +139,7 @@ class RedisRegistry:
         prefix: str = "wsgi-async:",
         socket_timeout: float = 5.0,
         connect_timeout: float = 2.0,
+        tombstone_ttl: float = TOMBSTONE_TTL,
     ) -> RedisRegistry:
         """Open ``url`` with a client that fails fast when Redis is down.
 
@@ -144,7 +159,7 @@ class RedisRegistry:
             retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
         )
         try:
-            return cls(client, prefix=prefix, max_tasks=max_tasks)
+            return cls(client, prefix=prefix, max_tasks=max_tasks, tombstone_ttl=tombstone_ttl)
         except BaseException:
             client.close()
             raise
@@ -329,14 +344,23 @@ class RedisRegistry:
         require_final(status)
         args: list[str | bytes] = [
             self.prefix, task_id, worker, status.value, response.headers_json(), response.body,
-            _token(),
+            _token(), *self._tombstones,
         ]
         with self._guard("finish a task"):
             return bool(self._finish(keys=[self._task(task_id)], args=args))
 
     def fail(self, task_id: str, response: StoredResponse) -> bool:
-        args: list[str | bytes] = [self.prefix, task_id, response.headers_json(), response.body]
-        with self._guard("fail a task"):
+        return self._settle_pending(task_id, response, TaskStatus.FAILED)
+
+    def cancel(self, task_id: str, response: StoredResponse) -> bool:
+        return self._settle_pending(task_id, response, TaskStatus.CANCELLED)
+
+    def _settle_pending(self, task_id: str, response: StoredResponse, status: TaskStatus) -> bool:
+        args: list[str | bytes] = [
+            self.prefix, task_id, response.headers_json(), response.body, status.value,
+            *self._tombstones,
+        ]
+        with self._guard("fail a task" if status is TaskStatus.FAILED else "cancel a task"):
             return bool(self._fail(keys=[self._task(task_id)], args=args))
 
     def progress(self, task_id: str, worker: str, document: dict[str, object]) -> bool:
@@ -385,8 +409,17 @@ class RedisRegistry:
                 record = latest
 
     def delete(self, task_id: str) -> bool:
+        args = [self.prefix, task_id, *self._tombstones]
         with self._guard("delete a task"):
-            return bool(self._delete(keys=[self._task(task_id)], args=[self.prefix, task_id]))
+            return bool(self._delete(keys=[self._task(task_id)], args=args))
+
+    def gone(self, task_id: str) -> Tombstone | None:
+        with self._guard("read a tombstone"):
+            value = self.client.get(self.prefix + "gone:" + task_id)
+        if value is None:
+            return None
+        status, _, owner = cast("bytes", value).decode("utf-8").partition(" ")
+        return Tombstone(task_id, status, owner or None)
 
     # -- leases --------------------------------------------------------------
 
@@ -420,7 +453,8 @@ class RedisRegistry:
                         task_id = raw.decode()
                         lost = lost_worker_response(task_id)
                         args: list[str | bytes] = [
-                            self.prefix, raw, dead, worker, lost.headers_json(), lost.body, token
+                            self.prefix, raw, dead, worker, lost.headers_json(), lost.body, token,
+                            *self._tombstones,
                         ]
                         self._reap(keys=[self._task(task_id)], args=args, client=pipe)
                 replies = pipe.execute()

@@ -48,7 +48,7 @@ end
 -- Put a task of the queue back on it with a new entry (its holder was lost).
 local function requeue(task, id, status, route)
   redis.call('HSET', task, 'status', 'queued')
-  redis.call('HDEL', task, 'worker', 'started_at')
+  redis.call('HDEL', task, 'worker', 'started_at', 'progress')
   local entry = redis.call('HGET', task, 'entry')
   local stream = P .. 'stream:' .. route
   if entry then
@@ -59,11 +59,27 @@ local function requeue(task, id, status, route)
   redis.call('HSET', task, 'entry', redis.call('XADD', stream, '*', 'id', id))
 end
 
+-- Scripts that settle or delete a task take the tombstone TTL (ms) and the most
+-- tombstones kept as their last two arguments.
+local function bury(id, status, owner, ms)
+  local index = P .. 'gone'
+  local now = clock()
+  redis.call('SET', P .. 'gone:' .. id, status .. ' ' .. (owner or ''), 'PX', ms)
+  redis.call('ZADD', index, stamp(now + ms / 1000), id)
+  local extra = redis.call('ZCARD', index) - tonumber(ARGV[#ARGV])
+  if extra > 0 then  -- past the bound: the oldest go first
+    local old = redis.call('ZPOPMIN', index, extra)
+    for i = 1, #old, 2 do redis.call('DEL', P .. 'gone:' .. old[i]) end
+  end
+end
+
 -- Store a final state, drop the task's bookkeeping, start its TTL, announce it.
+-- Its tombstone is laid now, to outlive it by the tombstone TTL: nothing in
+-- Redis runs when a key expires.
 local function settle(id, status, headers, body)
   local task = P .. 'task:' .. id
   local now = clock()
-  local f = redis.call('HMGET', task, 'worker', 'idem', 'result_ttl', 'status', 'route')
+  local f = redis.call('HMGET', task, 'worker', 'idem', 'result_ttl', 'status', 'route', 'owner')
   unqueue(task, f[4], f[5])
   redis.call('HSET', task, 'status', status, 'headers', headers, 'body', body,
              'finished_at', stamp(now))
@@ -79,6 +95,8 @@ local function settle(id, status, headers, body)
       redis.call('PEXPIRE', P .. 'key:' .. f[2], ms)
     end
     redis.call('PEXPIRE', task, ms)
+    bury(id, status == 'cancelled' and 'cancelled' or 'expired', f[6],
+         math.ceil(ttl * 1000) + tonumber(ARGV[#ARGV - 1]))
   end
   redis.call('PUBLISH', P .. 'done', id)
 end
@@ -169,11 +187,12 @@ end
 return cjson.encode(t)
 """
 
-# KEYS: task.  ARGV: prefix, id, worker, status, headers, body, token.
+# KEYS: task.  ARGV: prefix, id, worker, status, headers, body, token, tombstone ms, max.
 FINISH = """
 local s = redis.call('HMGET', KEYS[1], 'status', 'worker', 'claim')
 if s[1] ~= 'running' or s[2] ~= ARGV[3] then
-  if s[3] == ARGV[7] and s[2] == ARGV[3] and (s[1] == 'done' or s[1] == 'failed') then
+  if s[3] == ARGV[7] and s[2] == ARGV[3]
+      and (s[1] == 'done' or s[1] == 'failed' or s[1] == 'cancelled') then
     return 1
   end
   return 0
@@ -191,20 +210,22 @@ redis.call('HSET', KEYS[1], 'progress', ARGV[3])
 return 1
 """
 
-# KEYS: task.  ARGV: prefix, id, headers, body.
+# Fail or cancel a pending task.  KEYS: task.
+# ARGV: prefix, id, headers, body, status ('failed' or 'cancelled'), tombstone ms, max.
 FAIL = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if status ~= 'queued' and status ~= 'running' then return 0 end
-settle(ARGV[2], 'failed', ARGV[3], ARGV[4])
+settle(ARGV[2], ARGV[5], ARGV[3], ARGV[4])
 return 1
 """
 
-# KEYS: task.  ARGV: prefix, id.
+# KEYS: task.  ARGV: prefix, id, tombstone ms, max.
 DELETE = """
 local id = ARGV[2]
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-local f = redis.call('HMGET', KEYS[1], 'worker', 'idem', 'status', 'route')
+local f = redis.call('HMGET', KEYS[1], 'worker', 'idem', 'status', 'route', 'owner')
 unqueue(KEYS[1], f[3], f[4])
+bury(id, f[3] == 'cancelled' and 'cancelled' or 'deleted', f[5], tonumber(ARGV[3]))
 if f[1] then redis.call('SREM', P .. 'held:' .. f[1], id) end
 if f[2] and redis.call('GET', P .. 'key:' .. f[2]) == id then
   redis.call('DEL', P .. 'key:' .. f[2])
@@ -258,7 +279,8 @@ return out
 # Reap, step 2: settle one task of a dead worker, once: whoever removes it from
 # the worker's held set first wins.  Returns the record when requeued, 1 when
 # failed, nil when someone else got there first or the worker came back.
-# KEYS: task.  ARGV: prefix, id, dead worker, reaper, headers, body, token.
+# KEYS: task.  ARGV: prefix, id, dead worker, reaper, headers, body, token, tombstone ms,
+# max.
 REAP = """
 local id, dead = ARGV[2], ARGV[3]
 local c = redis.call('HMGET', KEYS[1], 'status', 'worker', 'claim')
@@ -314,11 +336,12 @@ return {redis.call('HGETALL', KEYS[1]), redis.call('GET', P .. 'request:' .. ARG
 # The consumer group every worker of every host reads the streams in.
 GROUP = "workers"
 
-# ARGV: prefix, limit.
+# ARGV: prefix, limit.  The tombstones' own keys expire by TTL: only their index is trimmed.
 EXPIRE = """
 local index = P .. 'tasks'
 local ids = redis.call('ZRANGEBYSCORE', index, '-inf', stamp(clock()), 'LIMIT', 0, ARGV[2])
 for _, id in ipairs(ids) do redis.call('ZREM', index, id) end
+redis.call('ZREMRANGEBYSCORE', P .. 'gone', '-inf', stamp(clock()))
 return #ids
 """
 

@@ -27,6 +27,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from . import sqlite_schema as schema
 from .base import (
+    TOMBSTONE_TTL,
     Capabilities,
     Claimed,
     QueueFull,
@@ -37,6 +38,8 @@ from .base import (
     StoredResponse,
     TaskRecord,
     TaskStatus,
+    Tombstone,
+    check_tombstone_ttl,
     lost_worker_response,
     require_final,
 )
@@ -64,6 +67,7 @@ class SQLiteRegistry:
         *,
         max_tasks: int = 10_000,
         busy_timeout: float = 30.0,
+        tombstone_ttl: float = TOMBSTONE_TTL,
     ) -> None:
         name = os.fspath(path)
         if not isinstance(name, str) or not name or name == ":memory:" or "\0" in name:
@@ -79,8 +83,10 @@ class SQLiteRegistry:
             raise ValueError(
                 f"busy_timeout must be a positive number of seconds, got {busy_timeout!r}"
             )
+        check_tombstone_ttl(tombstone_ttl)
         self.path = os.path.abspath(name)
         self.max_tasks = max_tasks
+        self.tombstones = schema.Tombstones(float(tombstone_ttl), max_tasks)
         self.busy_timeout = float(busy_timeout)
         self._closed = False
         self._ready = False
@@ -97,7 +103,9 @@ class SQLiteRegistry:
             raise
 
     @classmethod
-    def from_url(cls, url: str, *, max_tasks: int = 10_000) -> SQLiteRegistry:
+    def from_url(
+        cls, url: str, *, max_tasks: int = 10_000, tombstone_ttl: float = TOMBSTONE_TTL
+    ) -> SQLiteRegistry:
         """Open ``sqlite:///relative/tasks.db`` or ``sqlite:////absolute/tasks.db``.
 
         The only query option is ``busy_timeout`` (seconds).
@@ -118,7 +126,8 @@ class SQLiteRegistry:
                 raise ValueError(
                     f"registry: busy_timeout must be a number of seconds, got {value!r}"
                 ) from None
-        return cls(unquote(parts.path[1:]), max_tasks=max_tasks, busy_timeout=busy_timeout)
+        return cls(unquote(parts.path[1:]), max_tasks=max_tasks, busy_timeout=busy_timeout,
+                   tombstone_ttl=tombstone_ttl)
 
     def __repr__(self) -> str:
         return f"<SQLiteRegistry {self.path!r}>"
@@ -153,7 +162,7 @@ class SQLiteRegistry:
                 if row is not None:
                     db.execute("DELETE FROM tasks WHERE id = ?", (row[0],))
             if self._count(db) >= self.max_tasks:
-                schema.expire(db, now, EXPIRE_ON_FULL)
+                schema.expire(db, now, EXPIRE_ON_FULL, self.tombstones)
                 if self._count(db) >= self.max_tasks:
                     raise RegistryFull(f"the registry holds its maximum of {self.max_tasks} tasks")
             if max_queued is not None:
@@ -372,7 +381,20 @@ class SQLiteRegistry:
 
     def delete(self, task_id: str) -> bool:
         with self._write() as db:
-            return db.execute("DELETE FROM tasks WHERE id = ?", (task_id,)).rowcount > 0
+            return schema.delete(db, task_id, time.time(), self.tombstones)
+
+    def cancel(self, task_id: str, response: StoredResponse) -> bool:
+        with self._write() as db:
+            settled = schema.settle(
+                db, f"id = ? AND {PENDING}", (task_id,), TaskStatus.CANCELLED, response
+            )
+        if settled:
+            self._state().wakeups.publish([task_id])
+        return settled
+
+    def gone(self, task_id: str) -> Tombstone | None:
+        with self._read() as db:
+            return schema.gone(db, task_id, time.time(), self.tombstones)
 
     # -- leases --------------------------------------------------------------
 
@@ -454,7 +476,7 @@ class SQLiteRegistry:
 
     def expire(self, limit: int = 1000) -> int:
         with self._write() as db:
-            return schema.expire(db, time.time(), limit)
+            return schema.expire(db, time.time(), limit, self.tombstones)
 
     def close(self) -> None:
         """Close this process's connections and its wake-up socket."""

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from dataclasses import dataclass
 from typing import Any
 
-from .base import StoredResponse, TaskRecord, TaskStatus
+from .base import StoredResponse, TaskRecord, TaskStatus, Tombstone
 
 __all__ = [
     "CLAIMABLE", "COLUMNS", "GET", "INSERT", "MIGRATIONS", "PENDING", "PROGRESS",
     "QUEUE_WAKEUP", "RETURNING", "SCHEMA", "SCHEMA_VERSION", "START", "expire", "expired",
-    "record", "settle",
+    "Tombstones", "delete", "gone", "record", "settle", "trim",
 ]
 
 SCHEMA_VERSION = 2
@@ -81,6 +82,16 @@ SCHEMA = (
     """CREATE TABLE IF NOT EXISTS progress (id TEXT PRIMARY KEY, document TEXT NOT NULL)""",
     """CREATE TRIGGER IF NOT EXISTS tasks_progress_delete AFTER DELETE ON tasks
         BEGIN DELETE FROM progress WHERE id = OLD.id; END""",
+    # What is left of forgotten tasks, for tombstone_ttl: ``seq`` orders them oldest
+    # first, so that keeping at most max_tasks drops a range of the primary key.
+    """CREATE TABLE IF NOT EXISTS tombstones (
+        seq INTEGER PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        status TEXT NOT NULL,
+        owner TEXT,
+        expires_at REAL NOT NULL
+    )""",
+    """CREATE INDEX IF NOT EXISTS tombstones_by_expiry ON tombstones (expires_at)""",
     f"PRAGMA user_version = {SCHEMA_VERSION}",
 )
 
@@ -177,11 +188,71 @@ def settle(
     return cursor.rowcount > 0
 
 
-def expire(db: sqlite3.Connection, now: float, limit: int) -> int:
-    cursor = db.execute(
-        "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks WHERE expires_at <= ?"
+# The tasks ``expire`` drops: the same rows for the tombstones and the delete.
+_EXPIRED = "id IN (SELECT id FROM tasks WHERE expires_at <= ? ORDER BY expires_at LIMIT ?)"
+# A tombstone for each task ``WHERE {where}``, lasting until ``{until}``; a cancelled
+# task stays "cancelled".
+_BURY = (
+    "INSERT OR REPLACE INTO tombstones (id, status, owner, expires_at)"
+    " SELECT id, CASE status WHEN 'cancelled' THEN 'cancelled' ELSE ? END, owner, {until}"
+    " FROM tasks WHERE {where}"
+)
+
+
+def expire(db: sqlite3.Connection, now: float, limit: int, tombstones: Tombstones) -> int:
+    """Drop up to ``limit`` expired tasks, each leaving a tombstone, and expired tombstones."""
+    # An expired task's tombstone lasts from its expiry, whenever the sweep comes.
+    db.execute(_BURY.format(until="expires_at + ?", where=_EXPIRED),
+               ("expired", tombstones.ttl, now, limit))
+    cursor = db.execute(f"DELETE FROM tasks WHERE {_EXPIRED}", (now, limit))
+    dropped = cursor.rowcount
+    db.execute(
+        "DELETE FROM tombstones WHERE seq IN (SELECT seq FROM tombstones WHERE expires_at <= ?"
         " ORDER BY expires_at LIMIT ?)",
         (now, limit),
     )
-    return cursor.rowcount
+    if dropped:
+        trim(db, tombstones.limit)
+    return dropped
+
+
+def delete(db: sqlite3.Connection, task_id: str, now: float, tombstones: Tombstones) -> bool:
+    """Forget a task, leaving a ``"deleted"`` (or ``"cancelled"``) tombstone."""
+    db.execute(_BURY.format(until="?", where="id = ?"),
+               ("deleted", now + tombstones.ttl, task_id))
+    if not db.execute("DELETE FROM tasks WHERE id = ?", (task_id,)).rowcount:
+        return False
+    trim(db, tombstones.limit)
+    return True
+
+
+def trim(db: sqlite3.Connection, limit: int) -> None:
+    """Keep the newest ``limit`` tombstones: a range of ``seq``, found by its index."""
+    db.execute(
+        "DELETE FROM tombstones WHERE seq <= (SELECT max(seq) FROM tombstones) - ?", (limit,)
+    )
+
+
+def gone(
+    db: sqlite3.Connection, task_id: str, now: float, tombstones: Tombstones
+) -> Tombstone | None:
+    """The tombstone of ``task_id``, or the one an expired task not swept yet will leave."""
+    row = db.execute(
+        "SELECT status, owner FROM tombstones WHERE id = ? AND expires_at > ?", (task_id, now)
+    ).fetchone()
+    if row is None:
+        row = db.execute(
+            "SELECT CASE status WHEN 'cancelled' THEN 'cancelled' ELSE 'expired' END, owner"
+            " FROM tasks WHERE id = ? AND expires_at <= ? AND expires_at + ? > ?",
+            (task_id, now, tombstones.ttl, now),
+        ).fetchone()
+    return None if row is None else Tombstone(task_id, str(row[0]), row[1])
+
+
+@dataclass(frozen=True, slots=True)
+class Tombstones:
+    """How long tombstones last, and how many are kept."""
+
+    ttl: float
+    limit: int
 

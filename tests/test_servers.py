@@ -362,7 +362,7 @@ def test_submit_answers_at_once_then_poll_then_result(served: Running) -> None:
 
     assert served.request("GET", location).app_part() == replayed.app_part()
     assert served.request("DELETE", location).status == 204
-    assert served.request("GET", location).status == 404
+    assert served.request("GET", location).status == 410  # deleted (issue 11)
 
 
 def test_prefer_wait(served: Running) -> None:

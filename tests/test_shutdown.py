@@ -41,6 +41,7 @@ DRAIN = 8.0  # drain_timeout, below every server's graceful timeout here
 GRACEFUL = 12  # gunicorn's --graceful-timeout
 LEASE = 2.0
 SUBMITS = 8  # more than the task threads of every server here: some run, some wait
+REGISTRY = "{registry}"  # in a command line: the registry URL of the test
 
 
 def _gunicorn(worker: str, processes: int) -> Callable[[int], list[str]]:
@@ -79,6 +80,14 @@ class Spec:
         return self.name
 
 
+def _cli(port: int) -> list[str]:
+    """``wsgi-async serve`` (on waitress): it builds the middleware itself, with the defaults."""
+    script = BIN / "wsgi-async"
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "wsgi_async"]
+    return [*command, "serve", "drainapp:app", "--route", "^/slow$", "--host", "127.0.0.1",
+            "--port", str(port), "--task-threads", "2", "--registry", REGISTRY]
+
+
 SERVERS = [
     Spec("gunicorn-sync", "gunicorn", _gunicorn("sync", 1)),
     Spec("gunicorn-gthread", "gunicorn", _gunicorn("gthread", 3)),  # -w 3
@@ -86,6 +95,7 @@ SERVERS = [
          lambda port: [sys.executable, "-m", "waitress", f"--listen=127.0.0.1:{port}",
                        "drainapp:application"]),
     Spec("uwsgi", "pyuwsgi", _uwsgi),
+    Spec("cli-waitress", "waitress", _cli),
 ]
 
 
@@ -110,7 +120,8 @@ class Server:
         env = dict(os.environ, PYTHONPATH=str(APPS), WSGI_ASYNC_TEST_REGISTRY=registry,
                    WSGI_ASYNC_TEST_DRAIN=str(DRAIN), WSGI_ASYNC_TEST_LEASE=str(LEASE))
         with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(spec.argv(self.port), env=env, stdout=log,
+            argv = [registry if arg == REGISTRY else arg for arg in spec.argv(self.port)]
+            self.process = subprocess.Popen(argv, env=env, stdout=log,
                                             stderr=subprocess.STDOUT, start_new_session=True)
         try:
             deadline = time.monotonic() + 20
@@ -164,11 +175,8 @@ class Server:
         self.process.wait(10)
 
 
-@pytest.fixture(params=["sqlite", "redis"])
-def registry_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'tasks.db'}"
-        return
+@pytest.fixture
+def redis_url() -> Iterator[str]:
     require_redis()
     prefix = f"wsgi-async-drain-{secrets.token_hex(4)}:"
     yield f"{REDIS_URL}?prefix={prefix}"
@@ -214,10 +222,10 @@ def test_sigterm_lets_running_tasks_finish_and_fails_queued_ones(
 
 @pytest.mark.redis
 @pytest.mark.compat("gunicorn-gthread")
-def test_sigterm_drain_on_redis(registry_url: str, tmp_path: Path) -> None:
+def test_sigterm_drain_on_redis(redis_url: str, tmp_path: Path) -> None:
     spec = next(s for s in SERVERS if s.name == "gunicorn-gthread")
     require(spec)
-    run(spec, registry_url, tmp_path)
+    run(spec, redis_url, tmp_path)
 
 
 def run(spec: Spec, url: str, tmp_path: Path) -> None:

@@ -56,7 +56,8 @@ class _State:
         self.handler_pid = 0  # where the SIGTERM handler was considered
         self.previous: Handler = None
         self.drainer: threading.Thread | None = None
-        self.drained_pid = 0
+        self.drained_pid = 0  # where a drain began, and when
+        self.began = 0.0
         self.uwsgi_hooked = False
 
 
@@ -100,44 +101,42 @@ def watch() -> None:
 
 
 def drain_all() -> None:
-    """Drain every registered service of this process, each within its own bound.
+    """Drain every registered service of this process, all within one bound.
 
-    Idempotent: a drain already under way (started by SIGTERM) is joined
-    instead of started again.
+    Each service gets its ``drain_timeout`` from the moment the drain began,
+    so several services never add up their bounds.  Idempotent: a drain
+    already under way (started by SIGTERM) is joined instead of started again.
     """
     with _state.lock:
-        drainer = _state.drainer if _state.drained_pid == os.getpid() else None
-        first = _state.drained_pid != os.getpid()
-        _state.drained_pid = os.getpid()
+        under_way = _state.drained_pid == os.getpid()
+        drainer = _state.drainer if under_way else None
+        if not under_way:
+            _state.drained_pid = os.getpid()
+            _state.began = time.monotonic()
+        began = _state.began
         services = list(_state.services)
     if drainer is not None:
-        drainer.join(_longest_bound(services))
-        return
-    if not first:
-        return
-    for service in services:
-        try:
-            service.drain()
-        except Exception:
-            log.exception("wsgi_async: draining the task service failed")
+        drainer.join(max(0.0, began + _longest_bound(services) - time.monotonic()))
+    elif not under_way:
+        _drain(services, began)
 
 
 def _drain_in_background() -> None:
     with _state.lock:
         if _state.drained_pid == os.getpid():
             return
-        thread = threading.Thread(target=_run_drain, name="wsgi-async-drain", daemon=True)
-        _state.drainer = thread
         _state.drained_pid = os.getpid()
+        _state.began = began = time.monotonic()
+        thread = threading.Thread(target=_drain, args=(list(_state.services), began),
+                                  name="wsgi-async-drain", daemon=True)
+        _state.drainer = thread
     thread.start()
 
 
-def _run_drain() -> None:
-    with _state.lock:
-        services = list(_state.services)
+def _drain(services: list[Drainable], began: float) -> None:
     for service in services:
         try:
-            service.drain()
+            service.drain(max(0.0, began + service.drain_timeout - time.monotonic()))
         except Exception:
             log.exception("wsgi_async: draining the task service failed")
 

@@ -4,7 +4,9 @@ gunicorn loads ``benchmarks.apps:make_app()``, which reads ``BENCH_APP``:
 
 ``bare``         the Flask app, every endpoint synchronous (the ceiling);
 ``passthrough``  the same wrapped by :class:`AsyncMiddleware` whose route never matches;
-``wsgi_async``   wrapped with ``POST /noop`` and ``POST /sleep`` as async routes;
+``wsgi_async``   wrapped with ``POST /noop``, ``/sleep`` and ``/cpu`` as async routes, run
+                 on the pool's threads or (``BENCH_EXECUTOR=workers``) by a
+                 ``wsgi-async worker benchmarks.apps:middleware`` process;
 ``recipe``       the same endpoints under the thread-per-request ``@async_api`` recipe;
 ``celery``, ``rq`` a front whose ``POST`` enqueues the work and whose
                  ``GET /status/<id>`` answers 202, then the result.
@@ -25,7 +27,7 @@ from flask import Flask, Response, jsonify, request
 
 from .work import WORK
 
-ASYNC_ROUTES = {r"^/(noop|sleep)$": ["POST"]}
+ASYNC_ROUTES = {r"^/(noop|sleep|cpu)$": ["POST"]}
 NEVER = [r"^/never-matches/"]
 
 
@@ -148,7 +150,15 @@ def wsgi_async_app(routes: Any) -> Any:
         max_tasks=_int("BENCH_MAX_TASKS", 100_000),
         result_ttl=float(os.environ.get("BENCH_RESULT_TTL", "600")),
         lease_time=float(os.environ.get("BENCH_LEASE_TIME", "15")),
+        executor="workers" if os.environ.get("BENCH_EXECUTOR") == "workers" else "threads",
     )
+
+
+def __getattr__(name: str) -> Any:
+    """``benchmarks.apps:middleware``: the object the web server serves, for the worker."""
+    if name == "middleware":
+        return _make_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def with_heap_probe(app: Any) -> Any:

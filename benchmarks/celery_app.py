@@ -12,7 +12,7 @@ from typing import Any
 
 from celery import Celery
 
-from .work import noop, sleep
+from .work import cpu, noop, sleep
 
 
 def make_celery() -> Celery:
@@ -39,4 +39,5 @@ app = make_celery()
 tasks: dict[str, Any] = {
     "noop": app.task(name="bench.noop")(noop),
     "sleep": app.task(name="bench.sleep")(sleep),
+    "cpu": app.task(name="bench.cpu")(cpu),
 }

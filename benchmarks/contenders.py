@@ -44,6 +44,7 @@ class Contender:
     workers: int = 1  # gunicorn processes
     rq_worker: str = ""  # the RQ worker class
     how: str = ""
+    executor: str = "threads"  # wsgi_async: "workers" adds one wsgi-async worker process
 
     @property
     def asynchronous(self) -> bool:
@@ -67,6 +68,10 @@ CONTENDERS = (
     Contender("wsgi_async redis", "wsgi_async", "redis", how="redis:// registry"),
     Contender("wsgi_async sqlite -w 2", "wsgi_async", "sqlite", 2, how="gunicorn -w 2"),
     Contender("wsgi_async redis -w 2", "wsgi_async", "redis", 2, how="gunicorn -w 2"),
+    Contender("wsgi_async redis workers", "wsgi_async", "redis", executor="workers",
+              how=f"redis://, executor='workers': wsgi-async worker --threads {THREADS}"),
+    Contender("wsgi_async sqlite workers", "wsgi_async", "sqlite", executor="workers",
+              how=f"sqlite://, executor='workers': wsgi-async worker --threads {THREADS}"),
     Contender("recipe", "recipe", how="thread per request, global dict, polled"),
     Contender("celery", "celery",
               how=f"Redis broker+backend, celery worker --pool threads -c {CELERY_THREADS}"),
@@ -75,7 +80,8 @@ CONTENDERS = (
     Contender("rq simple", "rq", rq_worker="rq.worker.SimpleWorker",
               how=f"{RQ_WORKERS} x rq worker --worker-class SimpleWorker (no fork)"),
 )
-LOCAL = ("bare", "passthrough", "wsgi_async memory", "wsgi_async sqlite", "recipe")
+LOCAL = ("bare", "passthrough", "wsgi_async memory", "wsgi_async sqlite",
+         "wsgi_async sqlite workers", "recipe")
 
 
 @dataclass
@@ -136,6 +142,7 @@ class Deployment:
             "BENCH_REDIS_URL": settings.redis_url or "",
             "RQ_KEY_PREFIX": settings.prefix + "rq",
             "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+            "BENCH_EXECUTOR": contender.executor,
         }
         if contender.registry == "memory":
             env["BENCH_REGISTRY"] = "memory://"
@@ -151,7 +158,13 @@ class Deployment:
     def _start_workers(self) -> None:
         contender, procs = self.contender, self.settings.procs
         queue = self.env["BENCH_QUEUE"]
-        if contender.kind == "celery":
+        if contender.executor == "workers":
+            proc = procs.start(self.label + "-worker", [
+                sys.executable, "-m", "wsgi_async", "worker", "benchmarks.apps:middleware",
+                "--threads", str(THREADS), "--log-level", "WARNING",
+            ], self.env)
+            self.worker_procs.append(proc.pid)
+        elif contender.kind == "celery":
             proc = procs.start(self.label + "-celery", [
                 sys.executable, "-m", "celery", "-A", "benchmarks.celery_app", "worker",
                 "--pool", "threads", "--concurrency", str(CELERY_THREADS), "--queues", queue,

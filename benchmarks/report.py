@@ -45,6 +45,11 @@ TABLES: tuple[tuple[str, tuple[str, ...], tuple[tuple[str, str], ...]], ...] = (
         ("after expiry", "blocks_after_expiry"), ("RSS MiB after a 2nd fill", "rss_refill_mib"),
         ("store", "store"), ("store B/task", "store_bytes_per_task"),
         ("after expiry", "store_after_expiry_bytes_per_task"), ("expiry", "expiry"))),
+    ("CPU-heavy tasks (`POST /cpu`, about 20 ms of Python each, end to end) and, meanwhile, "
+     "`GET /noop` on the web process", ("cpu",), (
+        ("cpu tasks", "cpu_tasks"), ("tasks/s", "cpu_tasks_per_s"),
+        ("task p50 ms", "cpu_task_p50_ms"), ("GETs", "gets"), ("GET p50 ms", "get_p50_ms"),
+        ("GET p99 ms", "get_p99_ms"), ("errors", "errors"))),
     ("Scale: one task's registry operations as stored tasks grow", ("scale",), (
         ("stored", "stored"), ("µs/task", "us_per_op"), ("vs first level", "vs_first_level"),
         ("fill tasks/s", "fill_per_s"))),

@@ -32,13 +32,14 @@ from .procs import BenchError, Processes, Skipped
 from .scenarios import PROFILES, Profile
 
 HERE = Path(__file__).resolve().parent
-SCENARIOS = ("passthrough", "submit", "e2e", "overload", "memory", "scale")
+SCENARIOS = ("passthrough", "submit", "e2e", "overload", "memory", "cpu", "scale")
 REQUIRED = {  # what every measured row must hold, per scenario
     "passthrough": ("per_s", "p99_ms", "cpu_us_per_request"),
     "submit": ("per_s", "p50_ms", "p99_ms"),
     "e2e": ("per_s", "p50_ms", "p99_ms", "cpu_ms_per_task"),
     "overload": ("accepted", "threads_peak", "p99_accepted_ms"),
     "memory": ("rss_bytes_per_task",),
+    "cpu": ("cpu_tasks_per_s", "get_p99_ms"),
     "scale": ("us_per_op",),
 }
 
@@ -150,12 +151,15 @@ class Run:
 
     def per_contender(self, scenario: str) -> None:
         for contender in self.chosen:
-            if not contender.asynchronous:
+            if not contender.asynchronous or (scenario == "cpu" and not cpu_pair(contender)):
                 continue
             print(f"{scenario}: {contender.name}", flush=True)
             try:
                 if scenario == "overload":
                     self.rows.append(scenarios.overload(self.settings, self.profile, contender))
+                elif scenario == "cpu":
+                    self.rows.append(scenarios.cpu_beside_requests(self.settings, self.profile,
+                                                                   contender))
                 else:
                     self.rows.append(scenarios.memory(self.settings, self.profile, contender,
                                                       self.redis))
@@ -181,7 +185,7 @@ class Run:
             self.passthrough()
         if self.wanted & {"submit", "e2e"}:
             self.loads()
-        for scenario in ("overload", "memory"):
+        for scenario in ("overload", "memory", "cpu"):
             if scenario in self.wanted:
                 self.per_contender(scenario)
         if "scale" in self.wanted:
@@ -192,6 +196,12 @@ class Run:
         deleted = services.clean(self.redis, self.prefix) if self.redis is not None else 0
         shutil.rmtree(self.workdir, ignore_errors=True)
         return deleted
+
+
+def cpu_pair(contender: Contender) -> bool:
+    """The cpu scenario compares the pool's threads with workers, one web process each."""
+    return contender.kind == "wsgi_async" and contender.workers == 1 and (
+        contender.registry != "memory")
 
 
 def incomplete(rows: list[dict[str, Any]]) -> list[str]:
@@ -243,7 +253,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for contender, reason in left_out:
         for scenario in sorted(wanted):
             if scenario == "passthrough" or (
-                    scenario in ("overload", "memory") and not contender.asynchronous):
+                    scenario in ("overload", "memory") and not contender.asynchronous) or (
+                    scenario == "cpu" and not cpu_pair(contender)):
                 continue
             run.rows.append({"scenario": scenario, "contender": contender.name,
                              "how": contender.how, "skipped": reason})

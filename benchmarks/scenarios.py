@@ -439,3 +439,64 @@ def memory(settings: Settings, profile: Profile, contender: Contender,
             "recipe": "5 min, not waited", "celery": "result_expires 600 s, not waited",
             "rq": "result_ttl 600 s, not waited"}.get(contender.kind),
     }
+
+
+# -- CPU-heavy tasks beside pass-through requests --------------------------------------
+
+GET_CLIENTS = 2
+GET_PAUSE = 0.005  # between one client's GETs: a steady trickle, not a second load
+
+
+def cpu_beside_requests(settings: Settings, profile: Profile,
+                        contender: Contender) -> dict[str, Any]:
+    """While clients run ``cpu`` tasks end to end, others time ``GET /noop`` on the web process.
+
+    With the pool's threads the tasks share the web process's CPU and GIL with the
+    GETs; with workers they run in another process.
+    """
+    deployment = Deployment(settings, contender)
+    tasks_done = threading.Event()
+    background: list[Samples] = []
+
+    def run_tasks() -> None:
+        try:
+            background.append(run_load(deployment.port, profile.clients, profile.sleep_tasks,
+                                       profile.budget, end_to_end_job(contender, "cpu",
+                                                                      contender.can_wait)))
+        finally:
+            tasks_done.set()
+
+    async def get(conn: Connection, i: int, samples: Samples) -> None:
+        if tasks_done.is_set():
+            return
+        await asyncio.sleep(GET_PAUSE)
+        began = time.perf_counter()
+        response = await conn.request("GET", f"/noop?n={i}")
+        samples.latencies.append(time.perf_counter() - began)
+        if response.status != 200:
+            raise BenchError(f"GET /noop answered {response.status}")
+        _check(response.body, i)
+
+    try:
+        warm_up(deployment, profile)
+        thread = threading.Thread(target=run_tasks, daemon=True)
+        thread.start()
+        time.sleep(0.2)  # the first tasks are running
+        gets = run_load(deployment.port, GET_CLIENTS, 1_000_000, profile.budget + 60, get)
+        thread.join(profile.budget + 60)
+    finally:
+        deployment.stop()
+    if not background:
+        raise BenchError("the cpu tasks did not run")
+    tasks = background[0]
+    ms = [v * 1000 for v in gets.latencies]
+    return {
+        "scenario": "cpu", "contender": contender.name, "how": contender.how,
+        "cpu_tasks": tasks.done, "cpu_tasks_per_s": round(tasks.rate, 1),
+        "cpu_task_p50_ms": round(percentile([v * 1000 for v in tasks.latencies], 0.5), 2),
+        "gets": len(ms), "get_p50_ms": round(percentile(ms, 0.5), 2),
+        "get_p99_ms": round(percentile(ms, 0.99), 2),
+        "errors": tasks.errors + gets.errors,
+        **({"first_error": tasks.first_error or gets.first_error}
+           if tasks.first_error or gets.first_error else {}),
+    }

@@ -124,6 +124,15 @@ def _scale(rows: Rows) -> tuple[str, bool]:
     return text, all(ratio < 1.2 for ratio in worst.values())
 
 
+def _get_beside_cpu(rows: Rows, registry: str) -> tuple[str, bool]:
+    """GET p99 while cpu tasks run: workers at most half of the pool's threads."""
+    workers = find(rows, "cpu", f"wsgi_async {registry} workers", "get_p99_ms")
+    threads = find(rows, "cpu", f"wsgi_async {registry}", "get_p99_ms")
+    ratio = workers / threads
+    return (f"{workers:.1f} vs {threads:.1f} ms ({ratio:.2f}x)"
+            + ("" if ratio <= 0.5 else f", missed by {ratio / 0.5 - 1:.1%}")), ratio <= 0.5
+
+
 def _e2e(rows: Rows, contender: str, peer: str, goal: float) -> tuple[str, bool]:
     """The long-poll ratio decides; the one-round-trip mode is shown beside it."""
     text, met = _ratio(rows, "e2e noop wait", contender, peer, goal,
@@ -155,6 +164,18 @@ TARGETS: tuple[tuple[str, Callable[[Rows], tuple[str, bool]]], ...] = (
      lambda r: _cpu(r, "wsgi_async memory")),
     ("CPU per task (processes + Redis), redis <= Celery / 2",
      lambda r: _cpu(r, "wsgi_async redis")),
+    ("end to end noop, redis workers >= 1.5 x Celery",
+     lambda r: _e2e(r, "wsgi_async redis workers", "celery", 1.5)),
+    ("end to end noop, sqlite workers >= 1.5 x Celery",
+     lambda r: _e2e(r, "wsgi_async sqlite workers", "celery", 1.5)),
+    ("CPU per task (processes + Redis), redis workers <= Celery / 2",
+     lambda r: _cpu(r, "wsgi_async redis workers")),
+    ("CPU per task (processes), sqlite workers <= Celery / 2",
+     lambda r: _cpu(r, "wsgi_async sqlite workers")),
+    ("GET p99 beside cpu tasks, redis: workers <= 0.5 x the pool's threads",
+     lambda r: _get_beside_cpu(r, "redis")),
+    ("GET p99 beside cpu tasks, sqlite: workers <= 0.5 x the pool's threads",
+     lambda r: _get_beside_cpu(r, "sqlite")),
     ("memory per stored small result < 2 KB, back to baseline after expiry", _memory),
     ("overload: threads never past the bound, no accepted task lost", _overload),
     ("scale: 100,000 stored tasks < 1.2 x the time per op at 1,000", _scale),

@@ -31,6 +31,7 @@ def cleanup() -> Iterator[list[AsyncMiddleware]]:
     yield made
     for middleware in made:
         middleware.shutdown(wait=True, timeout=5)
+        middleware.registry.close()  # its wake-up thread must not outlive the test
 
 
 def make(

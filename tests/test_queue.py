@@ -187,3 +187,58 @@ def test_redis_entry_read_by_a_lost_consumer_is_autoclaimed(redis_queue: RedisRe
 def make_registry_like(registry: RedisRegistry) -> RedisRegistry:
     """Another process's view of the same Redis registry (its own XAUTOCLAIM clock)."""
     return RedisRegistry(registry.client, prefix=registry.prefix)
+
+
+def test_a_version_1_sqlite_file_gets_the_queue(tmp_path: Path) -> None:
+    """A file made before the queue existed is migrated in place, its tasks kept."""
+    import sqlite3
+
+    from wsgi_async.registry.sqlite import SQLiteRegistry
+
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:
+        db.execute("""CREATE TABLE tasks (
+            id TEXT PRIMARY KEY, route TEXT NOT NULL, status TEXT NOT NULL,
+            created_at REAL NOT NULL, started_at REAL, finished_at REAL, expires_at REAL,
+            worker TEXT, owner TEXT, fingerprint TEXT, attempts INTEGER NOT NULL DEFAULT 0,
+            replay INTEGER NOT NULL DEFAULT 0, timeout REAL, result_ttl REAL NOT NULL,
+            response_head TEXT, response_body BLOB, request_environ TEXT, request_body BLOB,
+            idempotency_key TEXT UNIQUE)""")
+        db.execute("CREATE TABLE counters (id INTEGER PRIMARY KEY CHECK (id = 1),"
+                   " tasks INTEGER NOT NULL)")
+        db.execute("INSERT INTO counters VALUES (1, 1)")
+        db.execute("INSERT INTO tasks (id, route, status, created_at, worker, result_ttl)"
+                   " VALUES ('old-task-id-0123456789ab', '^/r', 'queued', 1.0, 'w0', 300)")
+        db.execute("PRAGMA user_version = 1")
+    db.close()
+    registry = SQLiteRegistry(path)
+    try:
+        old = registry.get("old-task-id-0123456789ab")
+        assert old is not None and old.worker == "w0"
+        stored = registry.enqueue(new_task(), REQUEST, max_queued=10)
+        assert registry.queued() == 1
+        (claimed,) = registry.claim("w1", [ROUTE], 5, 0, 5)
+        assert claimed.record.id == stored.id
+    finally:
+        registry.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] >= 2
+    db.close()
+
+
+def test_redis_idle_consumers_of_lost_workers_are_dropped(
+    redis_queue: RedisRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import wsgi_async.registry.redis as redis_module
+
+    monkeypatch.setattr(redis_module, "PRUNE_AFTER", 0.2)
+    stream = redis_queue.prefix + "stream:" + ROUTE
+    redis_queue.claim("ghost", [ROUTE], 1, 0, 5)  # a worker that read, then went away
+    busy = redis_queue.enqueue(new_task(), REQUEST, max_queued=10)
+    (held,) = make_registry_like(redis_queue).claim("holder", [ROUTE], 1, 0, 5)
+    assert held.record.id == busy.id
+    time.sleep(0.3)
+    make_registry_like(redis_queue).claim("w2", [ROUTE], 1, 0, 5)
+    names = {c["name"].decode() for c in redis_queue.client.xinfo_consumers(stream, "workers")}
+    assert "ghost" not in names  # held nothing: forgotten
+    assert "holder" in names  # holds an unacknowledged entry: kept

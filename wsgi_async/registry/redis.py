@@ -80,6 +80,9 @@ VOID_SECONDS = 86_400
 _UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError)
 # The longest blocking read of the queue: well within the client's socket timeout.
 MAX_BLOCK = 2.0
+# Consumers (worker processes) that hold nothing and read nothing for this long are
+# dropped from the group; a live one that reads again is simply made anew.
+PRUNE_AFTER = 600.0
 
 
 class RedisRegistry:
@@ -127,6 +130,7 @@ class RedisRegistry:
         self._expire = script(lua.PREAMBLE + lua.EXPIRE)
         self._recover = script(lua.PREAMBLE + lua.RECOVER)
         self._claim = script(lua.PREAMBLE + lua.CLAIM)
+        self._prune = script(lua.PREAMBLE + lua.PRUNE)
         self._groups: set[str] = set()  # streams whose consumer group this process made
         self._next_autoclaim = 0.0
 
@@ -293,6 +297,7 @@ class RedisRegistry:
         self._next_autoclaim = now + lease / 3
         found: list[tuple[str, str, str]] = []
         for stream in streams:
+            self._prune(keys=[stream], args=[self.prefix, worker, int(PRUNE_AFTER * 1000)])
             reply = self.client.xautoclaim(stream, lua.GROUP, worker,
                                            min_idle_time=max(1, int(lease * 1000)),
                                            start_id="0-0", count=limit - len(found))

@@ -14,8 +14,8 @@ from .base import StoredResponse, TaskRecord, TaskStatus
 
 __all__ = [
     "CLAIM", "CREATE", "DEAD", "DELETE", "EXPIRE", "FAIL", "FIELDS_JSON", "FINISH", "GROUP",
-    "HEARTBEAT", "PREAMBLE", "PROGRESS", "REAP", "RECOVER", "START", "decode", "decode_json",
-    "encode", "pairs",
+    "HEARTBEAT", "PREAMBLE", "PROGRESS", "PRUNE", "REAP", "RECOVER", "START", "decode",
+    "decode_json", "encode", "pairs",
 ]
 
 # -- Lua ---------------------------------------------------------------------
@@ -335,6 +335,24 @@ return {redis.call('HGETALL', KEYS[1]), redis.call('GET', P .. 'request:' .. ARG
 
 # The consumer group every worker of every host reads the streams in.
 GROUP = "workers"
+
+# Forget the consumers (workers) of a stream's group that hold no entry and have
+# not read for ``idle`` ms: each worker process has a name of its own, so they
+# would pile up across restarts.  Atomic, so a consumer that reads meanwhile is kept.
+# KEYS: stream.  ARGV: prefix, reader (kept), idle ms.
+PRUNE = """
+local gone = 0
+for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], 'workers')) do
+  local f = {}
+  for i = 1, #c, 2 do f[c[i]] = c[i + 1] end
+  if f['name'] ~= ARGV[2] and tonumber(f['pending']) == 0
+      and tonumber(f['idle']) > tonumber(ARGV[3]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], 'workers', f['name'])
+    gone = gone + 1
+  end
+end
+return gone
+"""
 
 # ARGV: prefix, limit.  The tombstones' own keys expire by TTL: only their index is trimmed.
 EXPIRE = """

@@ -160,12 +160,20 @@ def test_timeout_cancels_when_asked(base: str) -> None:
 def test_timeout_bounds_a_long_poll_of_the_middleware(base: str) -> None:
     began = time.monotonic()
     with pytest.raises(client.Timeout) as raised:
-        client.call(base + "/long?seconds=10", timeout=1.0)
-    assert time.monotonic() - began < 6  # the long-poll was cut short, not waited out
+        client.call(base + "/long?seconds=4", timeout=1.0)
+    assert time.monotonic() - began < 3.5  # the long-poll was cut short, not waited out
     assert raised.value.task_url is not None and not raised.value.cancelled
     # The task goes on: its URL still answers 202.
     with urllib.request.urlopen(raised.value.task_url, timeout=10) as pending:
         assert pending.status == 202
+
+
+def test_timeout_cancels_a_task_of_the_middleware_when_asked(base: str) -> None:
+    with pytest.raises(client.Timeout) as raised:
+        client.call(base + "/long?seconds=4", timeout=1.0, cancel_on_timeout=True)
+    assert raised.value.cancelled and raised.value.task_url is not None
+    gone = client.call(raised.value.task_url, "GET")
+    assert gone.status == 410 and gone.json()["status"] == "cancelled"
 
 
 def test_max_polls(base: str) -> None:
@@ -241,7 +249,7 @@ def test_call_failed_task_exits_1(base: str) -> None:
 
 
 def test_call_timeout_exits_4(base: str) -> None:
-    done = run_call(base + "/long?seconds=5", "--timeout", "1")
+    done = run_call(base + "/long?seconds=4", "--timeout", "1")
     assert done.returncode == EXIT_TIMEOUT
     assert done.stdout == b""
     assert b"timed out waiting for the task" in done.stderr
@@ -326,3 +334,28 @@ def test_call_interrupt_asks_on_a_tty(base: str, answer: bytes) -> None:
     assert process.returncode == EXIT_INTERRUPTED
     deletes = [e for e in _all_log(base) if e["method"] == "DELETE" and e["at"] > float(since)]
     assert len(deletes) == (1 if answer == b"y\n" else 0)
+
+
+def test_call_interrupt_cancels_a_task_of_the_middleware(base: str) -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "wsgi_async", "call", base + "/long?seconds=4",
+         "--cancel-on-interrupt"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=app_env())
+    try:
+        assert process.stderr is not None
+        seen = b""
+        deadline = time.monotonic() + 15
+        while not (found := re.search(rb"waiting for (http://\S+/_async/tasks/[\w-]+)", seen)):
+            assert time.monotonic() < deadline and process.poll() is None, seen
+            seen += os.read(process.stderr.fileno(), 1000)
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=15)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+    task_url = found.group(1).decode()
+    assert process.returncode == EXIT_INTERRUPTED and stdout == b""
+    assert f"cancelled {task_url} (204 No Content)".encode() in seen + stderr
+    gone = client.call(task_url, "GET")
+    assert gone.status == 410 and gone.json()["status"] == "cancelled"

@@ -26,11 +26,12 @@ def app_env() -> dict[str, str]:
 
 @contextmanager
 def serve_clientapp() -> Iterator[str]:
-    """Serve clientapp with ``/long`` and ``/fail`` as tasks; yields the base URL."""
+    """Serve clientapp with ``/long``, ``/fail`` and ``/progress`` as tasks; yields the base URL."""
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "wsgi_async", "serve", "clientapp:app", "--route", "^/long$",
-         "--route", "^/fail$", "--port", str(port), "--log-level", "WARNING"],
+         "--route", "^/fail$", "--route", "^/progress$", "--port", str(port),
+         "--log-level", "WARNING"],
         env=app_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"

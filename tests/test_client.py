@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import pty
 import re
@@ -66,6 +67,20 @@ def test_follows_a_task_of_the_middleware(base: str) -> None:
     assert 1.5 <= took < 10  # the long-poll returned as the task ended
 
 
+def test_reports_the_progress_of_a_task_of_the_middleware(base: str) -> None:
+    progress: list[Any] = []
+    response = client.call(base + "/progress?steps=6&step=0.4", on_progress=progress.append)
+    assert (response.status, response.body) == (201, RESULT)
+    assert progress, "no progress document was seen"
+    currents = [document["current"] for document in progress]
+    assert currents == sorted(set(currents))
+    for document in progress:
+        current = document["current"]
+        assert document == {"current": current, "total": 6,
+                            "percent": math.floor(current * 10000 / 6) / 100,
+                            "message": f"step {current} of 6"}
+
+
 def test_follows_a_task_url_it_is_given(base: str) -> None:
     request = urllib.request.Request(base + "/long?seconds=0.5", data=b"again", method="POST")
     with urllib.request.urlopen(request, timeout=10) as accepted:
@@ -106,7 +121,7 @@ def test_follows_any_location(base: str, style: str) -> None:
                            "message": f"step {currents[0]} of 4"}
     polls = mimic_log(base, job_path)
     assert polls and all(poll["method"] == "GET" for poll in polls)
-    assert all(poll["prefer"] == "wait=10" for poll in polls)
+    assert all(poll["prefer"] == "wait=1" for poll in polls)  # on_progress: short waits
     # Credentials go to the origin they were given for, not to another one.
     assert all(poll["authorization"] == (style != "other-origin") for poll in polls)
 
@@ -131,6 +146,7 @@ def test_honours_retry_after_when_a_poll_is_answered_at_once(base: str) -> None:
     response = client.call(f"{base}/mimic/jobs?steps=2&step=1&retry=1", on_task=tasks.append)
     assert response.status == 200
     polls = mimic_log(base, "/mimic/status/" + tasks[0].rsplit("/", 1)[1])
+    assert all(poll["prefer"] == "wait=10" for poll in polls)
     # The first poll goes at once; then one per Retry-After second until the 2 s are up.
     assert 2 <= len(polls) <= 4
     gaps = [b["at"] - a["at"] for a, b in itertools.pairwise(polls)]
@@ -233,6 +249,13 @@ def test_call_shows_progress_on_stderr(base: str) -> None:
     stderr = done.stderr.decode()
     assert "step 1 of 4" in stderr or "step 2 of 4" in stderr
     assert "/4 [" in stderr  # tqdm's "n/total [elapsed..." bar
+
+
+def test_call_shows_the_progress_of_a_task_of_the_middleware(base: str) -> None:
+    done = run_call(base + "/progress?steps=6&step=0.4")
+    assert done.returncode == EXIT_OK, done.stderr
+    assert done.stdout == RESULT
+    assert re.search(rb"step \d of 6: +\d+%\|.*\| \d/6 \[", done.stderr), done.stderr
 
 
 def test_call_says_it_waits_before_any_progress(base: str) -> None:

@@ -189,6 +189,33 @@ def test_the_browser_shows_the_state_then_the_result(
     assert time.monotonic() - began >= 8
 
 
+def test_the_browser_shows_the_progress_of_a_task_of_the_middleware(
+    chromium: str, base: str, tmp_path: Path
+) -> None:
+    task = submit(base + "/progress?steps=10&step=0.5&html=1")
+    deadline = time.monotonic() + 10
+    while True:  # until the application has reported a step
+        with urllib.request.urlopen(task, timeout=10) as pending:
+            progress = json.loads(pending.read())["progress"]
+        if progress is not None and progress["current"] >= 1:
+            break
+        assert time.monotonic() < deadline, "no progress reported"
+        time.sleep(0.1)
+    # A few polls' worth of virtual time: each poll is held about a second (wait=1).
+    dom = browse(chromium, tmp_path / "profile", task, "--virtual-time-budget=250",
+                 "--dump-dom")
+    bar = re.search(r'<progress id="bar" max="10" value="(\d+)">(\d+) of 10</progress>', dom)
+    message = re.search(r'<p id="message">(\d+) of 10 · [\d.]+% · step (\d+) of 10</p>', dom)
+    assert bar is not None and message is not None, dom
+    # Rendered at the step reached (the fallback text); the page's polls moved the bar on.
+    rendered, shown = int(bar.group(2)), int(bar.group(1))
+    assert 1 <= rendered < shown < 10 and message.group(1) == message.group(2) == str(shown)
+    shot = tmp_path / "middleware-progress.png"
+    browse(chromium, tmp_path / "profile", task, "--virtual-time-budget=250",
+           f"--screenshot={shot}")
+    assert_png(shot)
+
+
 def test_the_browser_fills_the_bar_from_the_polls(
     chromium: str, base: str, tmp_path: Path
 ) -> None:
@@ -211,7 +238,7 @@ def test_the_browser_fills_the_bar_from_the_polls(
     assert 3 <= shown < 100 and message.group(1) == message.group(3) == str(shown)
     polls = [entry for entry in _log(base) if entry["path"] == page.removeprefix(base)
              and entry["accept"] == "application/json"]
-    assert len(polls) == shown and all(entry["prefer"] == "wait=10" for entry in polls)
+    assert len(polls) == shown and all(entry["prefer"] == "wait=1" for entry in polls)
     shot = tmp_path / "progress.png"
     browse(chromium, tmp_path / "profile", job(100), "--virtual-time-budget=4000",
            f"--screenshot={shot}")

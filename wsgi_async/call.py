@@ -44,8 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the largest response body accepted (default 100 MiB)")
     parser.add_argument("--max-polls", type=int, default=100_000, metavar="N",
                         help="give up after N polls answered 202 (exit 4)")
-    parser.add_argument("--poll-wait", type=int, default=10, metavar="S",
-                        help="seconds each long-poll asks to be held (Prefer: wait)")
+    parser.add_argument("--poll-wait", type=int, metavar="S",
+                        help="seconds each long-poll asks to be held (Prefer: wait); default "
+                             "1 with the progress bar (it refreshes at each poll), else 10")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -75,7 +76,8 @@ def run(
     try:
         try:
             response = client.call(
-                args.url, args.method, data, headers, args.timeout, bar.update,
+                args.url, args.method, data, headers, args.timeout,
+                None if args.no_progress else bar.update,
                 cancel_on_timeout=args.cancel_on_timeout, on_task=accepted,
                 poll_wait=args.poll_wait, max_polls=args.max_polls,
                 max_response_size=args.max_size)

@@ -156,7 +156,7 @@ def call(
     *,
     cancel_on_timeout: bool = False,
     on_task: Callable[[str], object] | None = None,
-    poll_wait: int = 10,
+    poll_wait: int | None = None,
     max_polls: int = 100_000,
     max_redirects: int = 10,
     max_response_size: int = 100 * 1024 * 1024,
@@ -166,7 +166,9 @@ def call(
     """Send ``method url`` with ``data`` and ``headers``; follow a 202 to the final response.
 
     A ``202 Accepted`` with a ``Location`` is polled with ``GET`` and ``Prefer:
-    wait=<poll_wait>`` until the answer is something else; a poll answered ``202``
+    wait=<poll_wait>`` until the answer is something else (``poll_wait`` is 10 s,
+    or 1 s with ``on_progress``: a server holds a long-poll until the task ends,
+    not until its progress changes); a poll answered ``202``
     at once waits ``Retry-After`` (default 1 s) before the next.  Redirects (``303``
     and the others) are followed, to at most ``max_redirects``.  ``on_progress``
     gets each new progress document: the non-null ``progress`` member of a 202's
@@ -182,6 +184,8 @@ def call(
     :class:`ResponseTooLarge`.  A final 4xx or 5xx is returned, not raised.
     """
     _check_positive(timeout=timeout, io_timeout=io_timeout)
+    if poll_wait is None:
+        poll_wait = 10 if on_progress is None else 1
     for name, limit in (("poll_wait", poll_wait), ("max_polls", max_polls),
                         ("max_response_size", max_response_size)):
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:

@@ -3,7 +3,8 @@
 A browser following a task's ``Location`` would otherwise show raw JSON.  The
 page is self-contained (no external assets), escapes every value, shows a state
 line and a ``<progress>`` bar, and updates itself by long-polling the status URL
-for JSON; when the task ends it loads the status URL again, so the browser shows
+for JSON (``Prefer: wait=10``, or ``wait=1`` while the task reports progress, so
+the bar moves); when the task ends it loads the status URL again, so the browser shows
 the application's own response.  Its one inline script and style are allowed by
 hash in :data:`CONTENT_SECURITY_POLICY`; without JavaScript it refreshes itself.
 """
@@ -38,7 +39,11 @@ code{font-size:.8rem;word-break:break-all}
 _SCRIPT = """
 (function () {
   "use strict";
-  var url = document.getElementById("task").getAttribute("data-poll");
+  var root = document.getElementById("task");
+  var url = root.getAttribute("data-poll");
+  // A poll is held until the task ends, not until its progress changes: short waits
+  // while the task reports progress, long ones while it does not.
+  var wait = root.getAttribute("data-wait") === "1" ? 1 : 10;
   var state = document.getElementById("state");
   var bar = document.getElementById("bar");
   var message = document.getElementById("message");
@@ -49,6 +54,7 @@ _SCRIPT = """
     var current = p ? num(p.current) : null, total = p ? num(p.total) : null;
     var percent = p ? num(p.percent) : null, parts = [];
     state.textContent = doc && doc.status === "queued" ? "Queued: waiting to start" : "Running";
+    wait = p ? 1 : 10;
     if (current !== null && total) { bar.max = total; bar.value = Math.min(current, total); }
     else if (percent !== null) { bar.max = 100; bar.value = Math.min(percent, 100); }
     else { bar.removeAttribute("value"); }
@@ -63,7 +69,7 @@ _SCRIPT = """
   }
   function poll() {
     var began = Date.now();
-    fetch(url, {headers: {"Accept": "application/json", "Prefer": "wait=10"},
+    fetch(url, {headers: {"Accept": "application/json", "Prefer": "wait=" + wait},
                 cache: "no-store", credentials: "same-origin"})
       .then(function (response) {
         if (response.status === 202) {
@@ -162,7 +168,7 @@ def render(document: dict[str, object], *, poll_url: str) -> bytes:
 <style>{_STYLE}</style>
 </head>
 <body>
-<main id="task" data-poll="{escape(poll_url)}">
+<main id="task" data-poll="{escape(poll_url)}" data-wait="{1 if progress else 10}">
 <h1>Your request is being processed</h1>
 <p id="state" role="status" aria-live="polite">{escape(state)}</p>
 {bar}{escape(parts[0] if parts else "working")}</progress>

@@ -4,6 +4,8 @@ Run by the middleware (the ``--route`` options of the test):
 
 * ``POST /long?seconds=S`` sleeps S seconds and answers 201 with the body it was
   sent and a few binary bytes; with ``&html=1`` it answers an HTML page instead;
+* ``POST /progress?steps=N&step=S`` reports its progress at each of N steps of S
+  seconds (``&html=1``: an HTML result);
 * ``POST /fail`` raises.
 
 Passed through: ``/mimic/...``, a server of the pattern written by hand as any
@@ -71,6 +73,21 @@ def long_task(environ: dict, start_response) -> Iterable[bytes]:
                        [("Content-Type", "text/html; charset=utf-8")])
     return _answer(start_response, "201 Created", body + RESULT,
                    [("Content-Type", "application/octet-stream"), ("X-Task", "long")])
+
+
+def progress_task(environ: dict, start_response) -> Iterable[bytes]:
+    """``steps`` steps of ``step`` seconds, each reported with the task's progress()."""
+    query = _query(environ)
+    steps, step = int(query.get("steps", "5")), min(float(query.get("step", "0.2")), 2.0)
+    task = environ["wsgi_async.task"]
+    for done in range(steps):
+        task.progress(done, steps, f"step {done} of {steps}")
+        time.sleep(step)
+    if query.get("html"):
+        return _answer(start_response, "200 OK", HTML_RESULT,
+                       [("Content-Type", "text/html; charset=utf-8")])
+    return _answer(start_response, "201 Created", RESULT,
+                   [("Content-Type", "application/octet-stream")])
 
 
 def mimic(environ: dict, start_response) -> Iterable[bytes]:
@@ -195,6 +212,8 @@ def app(environ: dict, start_response) -> Iterable[bytes]:
         return mimic(environ, start_response)
     if path == "/long" and method == "POST":
         return long_task(environ, start_response)
+    if path == "/progress" and method == "POST":
+        return progress_task(environ, start_response)
     if path == "/fail" and method == "POST":
         _read_body(environ)
         raise RuntimeError("the task failed on purpose")

@@ -130,6 +130,31 @@ def test_queue_full_refusals_running_queued_and_long_polls(made: list[AsyncMiddl
     assert value(after, "wsgi_async_tasks_queued") == value(before, "wsgi_async_tasks_queued")
 
 
+def test_a_cancelled_task_is_counted_once_and_its_late_result_as_cancelled(
+    made: list[AsyncMiddleware],
+) -> None:
+    gate = Gate()
+    middleware, app = client(gate, metrics="/metrics")
+    made.append(middleware)
+    first = parse(app.get("/metrics").text)
+    location = app.post("/async", b"", status=202).headers["Location"]
+    deadline = time.monotonic() + 5
+    while gate.running < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    app.delete(location, status=204)
+    gate.opened.set()  # the application returns: its result is discarded
+    middleware.shutdown(wait=True, timeout=5)
+    after = parse(app.get("/metrics").text)
+    cancelled = {"route": "^/async", "outcome": "cancelled", "status_class": "4xx"}
+    assert value(after, "wsgi_async_tasks_cancelled_total") - value(
+        first, "wsgi_async_tasks_cancelled_total") == 1
+    stored = app.get(location, status="*")
+    assert stored.status_int == 410
+    finished = value(after, "wsgi_async_tasks_finished_total", **cancelled) - value(
+        first, "wsgi_async_tasks_finished_total", **cancelled)
+    assert finished == 1, sorted(k for k in after if k[0] == "wsgi_async_tasks_finished_total")
+
+
 def test_a_timed_out_task_is_counted_with_its_stored_504(made: list[AsyncMiddleware]) -> None:
     middleware, app = client(sleeping(0.5), metrics="/metrics", task_timeout=0.1)
     made.append(middleware)

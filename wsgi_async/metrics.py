@@ -41,7 +41,7 @@ FINISHED = Counter("wsgi_async_tasks_finished",
                    "Tasks that ran to an end, by outcome and the stored status class.",
                    ["route", "outcome", "status_class"])
 CANCELLED = Counter("wsgi_async_tasks_cancelled",
-                    "Queued tasks failed before they ran (the pool shut down).")
+                    "Pending tasks cancelled by a DELETE, or failed unrun at shutdown.")
 QUEUED = Gauge("wsgi_async_tasks_queued", "Tasks waiting for a thread in the processes' pools.",
                multiprocess_mode="livesum")
 RUNNING = Gauge("wsgi_async_tasks_running", "Tasks running now.", ["route"],

@@ -27,7 +27,7 @@ class Observer:
         """A task that ran here ended after ``duration`` s (``outcome``: its final status)."""
 
     def cancelled(self) -> None:
-        """A queued task was failed before it ran (the pool shut down)."""
+        """A pending task was cancelled (``DELETE``), or failed unrun at shutdown."""
 
     def long_polls(self, delta: int) -> None:
         """``Prefer: wait`` requests held in this process changed by ``delta``."""

@@ -139,6 +139,7 @@ class StatusEndpoint:
             record.id, cancelled_response(record.id)
         ):
             log.info("wsgi_async: task %s cancelled", record.id)
+            self.observer.cancelled()
             return send_empty(start_response, 204)
         self.registry.delete(record.id)
         return send_empty(start_response, 204)

@@ -445,6 +445,9 @@ def memory(settings: Settings, profile: Profile, contender: Contender,
 
 GET_CLIENTS = 2
 GET_PAUSE = 0.005  # between one client's GETs: a steady trickle, not a second load
+# Clients running cpu tasks: each long-poll holds a server thread, and the GETs must
+# find one free, so that they wait on the CPU and the GIL, not on a thread.
+CPU_CLIENTS = THREADS // 2
 
 
 def cpu_beside_requests(settings: Settings, profile: Profile,
@@ -460,7 +463,7 @@ def cpu_beside_requests(settings: Settings, profile: Profile,
 
     def run_tasks() -> None:
         try:
-            background.append(run_load(deployment.port, profile.clients, profile.sleep_tasks,
+            background.append(run_load(deployment.port, CPU_CLIENTS, profile.sleep_tasks,
                                        profile.budget, end_to_end_job(contender, "cpu",
                                                                       contender.can_wait)))
         finally:

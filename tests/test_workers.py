@@ -229,11 +229,14 @@ def test_killed_workers_tasks_are_taken_over_after_the_lease(
         assert json.loads(body)["reason"] == "worker_lost"
 
 
-def test_sigterm_lets_the_running_task_finish(cluster: Cluster, tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_lets_the_running_task_finish(
+    cluster: Cluster, tmp_path: Path, signum: int
+) -> None:
     worker = cluster.worker("--threads", "2", "--grace", "20")
     location = cluster.submit("/work?sleep=1.5", b"graceful")
     assert running_pid(tmp_path, task_id(location)) == worker.pid
-    worker.send_signal(signal.SIGTERM)
+    worker.send_signal(signum)
     assert worker.wait(20) == 0
     # Stored before the worker exited: a plain read has it, no worker runs any more.
     status, headers, body = cluster.request("GET", location)

@@ -212,3 +212,19 @@ def test_a_running_job_can_give_back_its_place_before_it_ends() -> None:
     gate.set()
     assert job.ran.wait(5)
     assert pool.shutdown(wait=True, timeout=5)  # every place back, none given back twice
+
+
+def test_release_gives_back_the_place_and_the_bytes() -> None:
+    pool = WorkerPool(max_workers=1, max_queued=1, max_pending_bytes=100)
+    pool.reserve(60)
+    pool.reserve(40)
+    with pytest.raises(QueueFull):
+        pool.reserve(1)
+    pool.release(60)
+    pool.release(40)
+    assert pool.free_slots == 2
+    pool.reserve(70)  # the bytes are back too: 70 fits beside 30 only if 100 were freed
+    pool.reserve(30)
+    pool.release(70)
+    pool.release(30)
+    pool.shutdown()

@@ -1207,3 +1207,153 @@ def test_a_submit_right_after_a_result_is_not_refused_for_its_budget(
         logger.removeHandler(handler)
         logger.setLevel(level)
     assert answers == [202]
+
+
+def test_a_task_gets_a_fresh_pep_3333_environ(cleanup: list[AsyncMiddleware]) -> None:
+    seen: list[dict[str, Any]] = []
+
+    def app(environ: Environ, start_response: Any) -> Iterable[bytes]:
+        seen.append(dict(environ))
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+    _, test_app = make(cleanup, app)
+    for scheme, multiprocess in (("https", True), ("http", False)):
+        extra = {"wsgi.url_scheme": scheme, "wsgi.multiprocess": multiprocess,
+                 "wsgi.run_once": True, "wsgi.multithread": False}
+        location = test_app.post("/async", b"", extra_environ=extra).headers["Location"]
+        wait_result(test_app, location, status=200)
+        environ = seen.pop()
+        assert environ["wsgi.version"] == (1, 0)
+        assert environ["wsgi.url_scheme"] == scheme
+        assert environ["wsgi.multiprocess"] is multiprocess
+        assert environ["wsgi.multithread"] is True and environ["wsgi.run_once"] is False
+
+
+def test_without_an_owner_a_key_is_scoped_to_the_credentials(
+    cleanup: list[AsyncMiddleware],
+) -> None:
+    gate = Gate()
+    _, app = make(cleanup, gate)
+    callers = [{}, {"Authorization": "Bearer b"}, {"Cookie": "s=1"}, {"Authorization": "None"},
+               {"Authorization": "Bearer b", "Cookie": "s=1"}]
+    try:
+        locations = [
+            app.post("/async", b"same", headers={"Idempotency-Key": "k", **headers},
+                     status=202).headers["Location"]
+            for headers in callers
+        ]
+        assert len(set(locations)) == len(callers)  # a key never crosses callers
+        again = app.post("/async", b"same", headers={"Idempotency-Key": "k", **callers[1]})
+        assert again.headers["Location"] == locations[1]  # the same caller's retry
+    finally:
+        gate.opened.set()
+    assert "Preference-Applied" not in again.headers  # only for Prefer: respond-async
+
+
+def test_the_logged_failure_is_the_applications_own_error(
+    cleanup: list[AsyncMiddleware], caplog: pytest.LogCaptureFixture
+) -> None:
+    import traceback
+
+    def late_error_app(environ: Environ, start_response: Any) -> Iterable[bytes]:
+        write = start_response("200 OK", [("Content-Type", "text/plain")])
+        write(b"partial")
+        try:
+            raise KeyError("late")
+        except KeyError:
+            import sys
+
+            start_response("500 Internal Server Error", [], sys.exc_info())
+        return [b"never"]
+
+    _, test_app = make(cleanup, late_error_app, validate_inner=False)
+    with caplog.at_level(logging.ERROR, logger="wsgi_async"):
+        location = test_app.post("/async").headers["Location"]
+        assert wait_result(test_app, location, status=500).json["reason"] == "application_error"
+    record = next(r for r in caplog.records if r.exc_info is not None)
+    assert record.exc_info is not None and record.exc_info[0] is KeyError
+    frames = [frame.name for frame in traceback.extract_tb(record.exc_info[2])]
+    assert "late_error_app" in frames  # re-raised with the application's traceback
+
+
+def test_status_lines_and_header_values_are_latin_1() -> None:
+    from wsgi_async.capture import validate_headers, validate_status
+    from wsgi_async.errors import ResponseError
+
+    assert validate_status("200 Caf\u00e9") == "200 Caf\u00e9"
+    with pytest.raises(ResponseError, match="latin-1"):
+        validate_status("200 Snow\u2603")
+    with pytest.raises(ResponseError, match="latin-1"):
+        validate_headers([("X-A", "snow\u2603")])
+
+
+@pytest.mark.parametrize("header", [["X-A", "1"], ("X-A", "1", "2"), ("X-A",), "X-A: 1"])
+def test_each_header_must_be_a_name_value_tuple(header: Any) -> None:
+    from wsgi_async.capture import validate_headers
+    from wsgi_async.errors import ResponseError
+
+    with pytest.raises(ResponseError, match="is not a"):
+        validate_headers([header])
+
+
+def test_headers_a_connection_header_names_are_dropped() -> None:
+    from wsgi_async.capture import finalise_headers
+
+    headers = [("Connection", "X-Private,close"), ("connection", " X-Other "),
+               ("X-Private", "1"), ("x-other", "2"), ("X-Kept", "x-kept2"), ("X-Kept2", "4")]
+    assert finalise_headers("200 OK", headers, 5) == (
+        ("X-Kept", "x-kept2"), ("X-Kept2", "4"), ("Content-Length", "5"))
+
+
+def test_the_memory_registry_forgets_everything_of_a_deleted_task() -> None:
+    import tracemalloc
+
+    from conftest import new_task
+    from wsgi_async.registry import RequestSnapshot, StoredResponse, TaskStatus
+
+    registry = MemoryRegistry(max_tasks=10)
+    ok = StoredResponse("200 OK", (), b"x" * 100)
+
+    def cycle(index: int) -> None:
+        request = RequestSnapshot({"PATH_INFO": "/r"}, b"body" * 25)
+        task = registry.create(new_task(f"w{index % 3}", replay=True), request, f"key-{index}")
+        if index % 2:  # half finish, half are deleted while queued
+            registry.start(task.id, f"w{index % 3}")
+            registry.finish(task.id, f"w{index % 3}", TaskStatus.DONE, ok)
+        assert registry.delete(task.id)
+
+    for index in range(200):  # warm up the dicts and the heap to their steady size
+        cycle(index)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for index in range(200, 3200):
+            cycle(index)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 64 * 1024, f"{grown} bytes kept for 3000 deleted tasks"
+    assert len(registry) == 0
+
+
+def test_close_ends_the_memory_registrys_waits_at_once() -> None:
+    from conftest import new_task
+
+    registry = MemoryRegistry()
+    task = registry.create(new_task())
+    outcome: list[float] = []
+
+    def waiter() -> None:
+        began = time.monotonic()
+        registry.wait(task.id, 10)
+        outcome.append(time.monotonic() - began)
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    registry.close()  # before or after the wait blocks: either way it ends it
+    thread.join(5)
+    assert outcome and outcome[0] < 2
+    began = time.monotonic()
+    registry.wait(task.id, 10)  # closed: never blocks again
+    assert time.monotonic() - began < 2

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 
 from wsgi_async import AsyncMiddleware, MemoryRegistry, TaskStatus
+from wsgi_async.registry.sqlite import SQLiteRegistry
 from wsgi_helpers import Gate, client, echo_app, sleeping
 
 
@@ -80,3 +82,18 @@ def test_drain_timeout_option() -> None:
         AsyncMiddleware(echo_app, routes=["^/"], drain_timeout=0)
     with pytest.raises(TypeError, match="drain_timeout must be a number"):
         AsyncMiddleware(echo_app, routes=["^/"], drain_timeout="30")  # type: ignore[arg-type]
+
+
+def test_a_drain_after_shutdown_touches_nothing(
+    caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """At exit every middleware drains; one shut down (and its registry closed) stays quiet."""
+    registry = SQLiteRegistry(tmp_path / "tasks.db")
+    middleware, test_app = client(echo_app, registry=registry)
+    location = test_app.post("/async", b"x", status=202).headers["Location"]
+    middleware.shutdown()
+    registry.close()
+    assert middleware.drain() is True
+    assert middleware.drain() is True
+    assert location
+    assert not [r for r in caplog.records if r.levelno >= 30], caplog.records

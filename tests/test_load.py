@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import http.client
+import json
 import os
 import secrets
 import signal
@@ -172,7 +173,7 @@ def client(port: int, share: range, checker: Checker, counts: collections.Counte
                 try:
                     connection.request("POST", "/job", body=payload)
                     response = connection.getresponse()
-                    response.read()
+                    body = response.read()
                 except (OSError, http.client.HTTPException):
                     counts["reconnects"] += 1
                     connection.close()
@@ -181,7 +182,8 @@ def client(port: int, share: range, checker: Checker, counts: collections.Counte
                     checker.add(response.getheader("Location", "").rsplit("/", 1)[1], payload)
                     counts["accepted"] += 1
                     break
-                counts[str(response.status)] += 1  # 503 + Retry-After: a bound, retried
+                # 503 + Retry-After: a bound was reached; retried, and counted by its detail.
+                counts[f"{response.status} {json.loads(body).get('detail')}"] += 1
                 time.sleep(RETRY_503)
     finally:
         connection.close()
@@ -241,7 +243,8 @@ def test_ten_thousand_submissions_all_final_none_lost(registry_url: str, tmp_pat
         registry.close()
     print(f"\n{kind}: {counts['accepted']} accepted in {submitted:.1f} s "
           f"({counts['accepted'] / submitted:.0f}/s), all read back final after {settled:.1f} s; "
-          f"503 answers retried: {counts['503']}, reconnects: {counts['reconnects']}\n"
+          f"reconnects: {counts['reconnects']}, refusals retried: "
+          f"{ {k: v for k, v in counts.items() if k[:1].isdigit()} }\n"
           f"{kind}: worker RSS before {mib(before)}, peak {mib(peak)}, "
           f"after expiry {mib(after)} ({expired} of {len(sample)} sampled results expired)")
     assert not checker.is_alive(), "tasks still pending after the load"

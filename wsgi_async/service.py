@@ -110,6 +110,7 @@ class TaskService:
         self._checked_server = False
         # Replayable tasks that a drain left queued: this process must not retire its lease.
         self.left_for_replay = 0
+        self._stopped_in = 0  # the process where shutdown() or drain() ran
         self.pool = WorkerPool(
             options.max_workers, options.max_queued, options.max_pending_bytes
         )
@@ -330,6 +331,7 @@ class TaskService:
         Tasks still running afterwards (``wait=False``, or past ``timeout``)
         are settled by another process once this one's lease lapses.
         """
+        self._stopped_in = os.getpid()
         drained = self.pool.shutdown(wait=wait, timeout=timeout)
         self.supervisor.stop(retire=drained)
 
@@ -346,6 +348,9 @@ class TaskService:
         ``timeout`` seconds (default ``drain_timeout``) to finish and be stored,
         while the lease is still renewed.  Returns whether every task ended.
         """
+        if self._stopped_in == os.getpid():  # shut down or drained already
+            return self.pool.pending == 0
+        self._stopped_in = os.getpid()
         began = time.monotonic()
         limit = self.options.drain_timeout if timeout is None else timeout
         pending = self.pool.pending

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,6 +72,8 @@ def test_each_event_is_counted_and_served_on_the_metrics_path(
     assert failed.status_int == 500
     app.post("/async/ok", b"x" * 65, status=413)
     app.post("/async/ok", b"x", headers={"Idempotency-Key": "not quoted"}, status=400)
+    # A result is visible as soon as it is stored; its metrics follow a moment later.
+    middleware.shutdown(wait=True, timeout=5)
 
     after = parse(app.get("/metrics").text)
 
@@ -164,12 +166,8 @@ def test_a_timed_out_task_is_counted_with_its_stored_504(made: list[AsyncMiddlew
     before = value(first, "wsgi_async_tasks_finished_total", **labels)
     location = app.post("/async", b"", status=202).headers["Location"]
     assert wait_result(app, location).status_int == 504
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:  # the thread returns after the 504 was stored
-        after = parse(app.get("/metrics").text)
-        if value(after, "wsgi_async_tasks_running", route="^/async") == 0:
-            break
-        time.sleep(0.02)
+    middleware.shutdown(wait=True, timeout=5)  # the thread returns after the 504 was stored
+    after = parse(app.get("/metrics").text)
     assert value(after, "wsgi_async_tasks_finished_total", **labels) - before == 1
     assert value(after, "wsgi_async_tasks_finished_total", **done) == value(
         first, "wsgi_async_tasks_finished_total", **done)
@@ -241,6 +239,16 @@ def request(port: int, method: str, path: str, body: bytes | None = None,
         connection.close()
 
 
+def scrape_until(port: int, done: Callable[[Samples], bool], within: float = 10.0) -> Samples:
+    deadline = time.monotonic() + within
+    while True:
+        samples = parse(request(port, "GET", "/metrics")[2].decode())
+        if done(samples):
+            return samples
+        assert time.monotonic() < deadline, f"the metrics did not settle in {within} s"
+        time.sleep(0.05)
+
+
 @dataclass
 class Deployment:
     port: int
@@ -304,6 +312,11 @@ def test_a_live_gunicorn_with_two_workers_reports_the_sum_of_both(gunicorn: Depl
         outcomes.append(status)
     assert sorted(outcomes) == [200] * 6 + [500] * 2
 
+    # A result is visible as soon as it is stored; its metrics follow a moment later.
+    scrape_until(port, lambda samples: value(
+        samples, "wsgi_async_task_run_seconds_count", route="^/slow") == 6 and value(
+        samples, "wsgi_async_task_run_seconds_count", route="^/fail") == 2)
+
     # A long-poll on a task no worker will take, held while the scrapes run.
     held = threading.Thread(target=request, args=(port, "GET", queued[0]),
                             kwargs={"headers": {"Prefer": "wait=8"}})
@@ -354,7 +367,8 @@ def test_a_live_gunicorn_with_two_workers_reports_the_sum_of_both(gunicorn: Depl
                 if status != 202:
                     break
             assert status == 200, (gunicorn.folder / "worker.log").read_text()
-        samples = parse(request(port, "GET", "/metrics")[2].decode())
+        samples = scrape_until(port, lambda samples: value(
+            samples, "wsgi_async_task_run_seconds_count", route="^/queued") == 3)
         assert value(samples, "wsgi_async_queue_depth") == 0
         assert value(samples, "wsgi_async_tasks_finished_total", route="^/queued",
                      outcome="done", status_class="2xx") == 3

@@ -71,9 +71,9 @@ class PrometheusMetrics(Observer):
         QUEUE_WAIT.labels(route).observe(max(waited, 0.0))
 
     def finished(self, route: str, outcome: str, status: int, duration: float) -> None:
-        RUNNING.labels(route).dec()
         FINISHED.labels(route, outcome, f"{status // 100}xx").inc()
         RUN_TIME.labels(route).observe(max(duration, 0.0))
+        RUNNING.labels(route).dec()  # last: a scrape that sees it ended sees it counted
 
     def cancelled(self) -> None:
         CANCELLED.inc()

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from .errors import QueueFull, RegistryError
 from .model import RequestSnapshot
-from .service import TaskService
+from .service import NO_THREAD, TaskService
 
 log = logging.getLogger("wsgi_async")
 
@@ -133,9 +133,10 @@ class Worker:
                 try:
                     service.pool.submit(_Claimed(self, task.record.id, task.request))
                 except (QueueFull, RuntimeError) as exc:
-                    # Left claimed: this process's lease lapses and another takes it over.
+                    # This live process holds the claim: end the task rather than strand it.
                     self.done()
                     log.error("wsgi_async: cannot run claimed task %s: %s", task.record.id, exc)
+                    service.fail_unqueued(task.record.id, NO_THREAD)
         log.info("wsgi_async: worker %s stops claiming; waiting up to %.0fs for running tasks",
                  service.worker_id(), self.grace)
         began = time.monotonic()

@@ -90,6 +90,16 @@ def test_unknown_task_is_none(registry: Registry) -> None:
     assert registry.request("nope") is None
 
 
+def test_recover_answers_a_stored_task_and_none_for_one_never_stored(
+    registry: Registry,
+) -> None:
+    stored = registry.create(new_task())
+    recovered = registry.recover(stored.id)
+    assert recovered is not None and recovered.id == stored.id
+    assert recovered.status is TaskStatus.QUEUED
+    assert registry.recover("n" * 32) is None
+
+
 def test_start_is_conditional(registry: Registry) -> None:
     record = registry.create(new_task())
     assert registry.start(record.id, "other") is None

@@ -261,8 +261,7 @@ class TaskService:
         Without a key nobody can know its id: it is removed.  With one, a retry may
         already hold its ``Location``: it runs.  Run by the supervisor until it succeeds.
         """
-        recover = getattr(self.registry, "recover", None)
-        found = recover(record.id) if recover is not None else self.registry.get(record.id)
+        found = self.registry.recover(record.id)
         if found is None or found.status is not TaskStatus.QUEUED or found.worker != record.worker:
             return
         if key is None:

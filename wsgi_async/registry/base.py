@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Protocol, runtime_checkable
 
+from ..errors import MaybeWritten as MaybeWritten
 from ..errors import QueueFull as QueueFull
 from ..errors import RegistryError as RegistryError
 from ..errors import RegistryFull as RegistryFull
@@ -126,6 +127,15 @@ class Registry(TaskQueue, Protocol):
 
     def get(self, task_id: str) -> TaskRecord | None:
         """The task, with its response when final; ``None`` if unknown or expired."""
+        ...
+
+    def recover(self, task_id: str) -> TaskRecord | None:
+        """After a :meth:`create` of ``task_id`` that raised :class:`MaybeWritten`.
+
+        The task if the registry stored it after all, else ``None``; then a
+        late run of that create (still in a stalled server's buffers) must store
+        nothing.  A backend whose writes cannot land late answers :meth:`get`.
+        """
         ...
 
     def start(self, task_id: str, worker: str) -> TaskRecord | None:

@@ -127,6 +127,10 @@ class MemoryRegistry:
                 self._held.setdefault(stored.worker, set()).add(stored.id)
             return stored.copy()
 
+    def recover(self, task_id: str) -> TaskRecord | None:
+        """A create here either stored or did not: nothing can land late."""
+        return self.get(task_id)
+
     def get(self, task_id: str) -> TaskRecord | None:
         with self._lock:
             record = self._live_locked(task_id)

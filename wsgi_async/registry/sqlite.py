@@ -269,6 +269,10 @@ class SQLiteRegistry:
             (count,) = db.execute("SELECT queued FROM counters WHERE id = 1").fetchone()
         return int(count)
 
+    def recover(self, task_id: str) -> TaskRecord | None:
+        """A create here either stored or did not: nothing can land late."""
+        return self.get(task_id)
+
     def get(self, task_id: str) -> TaskRecord | None:
         with self._read() as db:
             row = db.execute(schema.GET, (task_id,)).fetchone()

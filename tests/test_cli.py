@@ -42,7 +42,7 @@ def wait_until_up(
         if process.poll() is not None:
             raise AssertionError(f"the server exited with {process.returncode}")
         try:
-            http("GET", base + "/")
+            http("GET", base + "/").close()
             return
         except OSError:
             time.sleep(0.1)
@@ -208,6 +208,7 @@ def test_serve_imports_the_app_from_the_current_folder_and_runs_on_waitress(
         assert direct.status == 200 and direct.read() == b"plain says hello from /"
         assert direct.headers["Server"] == "waitress"  # a production server, not werkzeug's
         submitted = http("POST", served.base + "/export/csv", b"x")
+        submitted.close()
         assert submitted.status == 202
         location = submitted.headers["Location"]
         done = http("GET", served.base + location, headers={"Prefer": "wait=10"})
@@ -238,6 +239,7 @@ def test_serve_dev_runs_werkzeugs_reloading_server(app_folder: Path) -> None:
             time.sleep(0.2)
         assert body == b"plain was reloaded from /", served.log()
         submitted = http("POST", served.base + "/export/csv", b"x")
+        submitted.close()
         assert submitted.status == 202
         done = http("GET", served.base + submitted.headers["Location"],
                     headers={"Prefer": "wait=10"})
@@ -247,7 +249,8 @@ def test_serve_dev_runs_werkzeugs_reloading_server(app_folder: Path) -> None:
 def test_workers_is_a_deprecated_alias_of_task_threads(app_folder: Path) -> None:
     with running(app_folder, "serve", "plain:app", "--route", "^/export/",
                  "--workers", "2") as served:
-        assert http("GET", served.base + "/").status == 200
+        reply = http("GET", served.base + "/")
+        assert reply.status == 200 and reply.read() == b"plain says hello from /"
     assert "--workers is deprecated" in served.log() and "--task-threads" in served.log()
 
 

@@ -192,7 +192,8 @@ def test_the_browser_shows_the_state_then_the_result(
 def test_the_browser_shows_the_progress_of_a_task_of_the_middleware(
     chromium: str, base: str, tmp_path: Path
 ) -> None:
-    task = submit(base + "/progress?steps=10&step=0.5&html=1")
+    # 15 s of steps: the task must outlast a chromium start on a loaded machine.
+    task = submit(base + "/progress?steps=30&step=0.5&html=1")
     deadline = time.monotonic() + 10
     while True:  # until the application has reported a step
         with urllib.request.urlopen(task, timeout=10) as pending:
@@ -204,12 +205,12 @@ def test_the_browser_shows_the_progress_of_a_task_of_the_middleware(
     # A few polls' worth of virtual time: each poll is held about a second (wait=1).
     dom = browse(chromium, tmp_path / "profile", task, "--virtual-time-budget=250",
                  "--dump-dom")
-    bar = re.search(r'<progress id="bar" max="10" value="(\d+)">(\d+) of 10</progress>', dom)
-    message = re.search(r'<p id="message">(\d+) of 10 · [\d.]+% · step (\d+) of 10</p>', dom)
+    bar = re.search(r'<progress id="bar" max="30" value="(\d+)">(\d+) of 30</progress>', dom)
+    message = re.search(r'<p id="message">(\d+) of 30 · [\d.]+% · step (\d+) of 30</p>', dom)
     assert bar is not None and message is not None, dom
     # Rendered at the step reached (the fallback text); the page's polls moved the bar on.
     rendered, shown = int(bar.group(2)), int(bar.group(1))
-    assert 1 <= rendered < shown < 10 and message.group(1) == message.group(2) == str(shown)
+    assert 1 <= rendered < shown < 30 and message.group(1) == message.group(2) == str(shown)
     shot = tmp_path / "middleware-progress.png"
     browse(chromium, tmp_path / "profile", task, "--virtual-time-budget=250",
            f"--screenshot={shot}")

@@ -16,6 +16,7 @@ from . import graceful
 from .config import DEFAULTS, Executor, Options, OwnerFunc, Route, RouteSpec, build_options
 from .executor import WorkerPool, check_uwsgi_threads, uwsgi_processes
 from .idempotency import caller_scope, parse_idempotency_key, scoped_key
+from .logfields import task_fields
 from .logsafe import printable
 from .model import TaskRecord
 from .observer import Observer
@@ -203,7 +204,9 @@ class AsyncMiddleware:
             key = parse_idempotency_key(environ)
         except BodyError as exc:
             log.warning("wsgi_async: refused %s %s: %s", printable(environ.get("REQUEST_METHOD")),
-                        printable(environ.get("PATH_INFO")), printable(exc.detail))
+                        printable(environ.get("PATH_INFO")), printable(exc.detail),
+                        extra=task_fields(None, route.pattern.pattern, outcome="refused",
+                                          status=exc.code))
             self.service.observer.refused(route.pattern.pattern, BODY_REFUSALS.get(
                 exc.code, "bad_request"))
             return send_error(environ, start_response, exc.code, exc.detail)
@@ -220,7 +223,8 @@ class AsyncMiddleware:
             )
         except Refused as refusal:
             log.log(refusal.level, "wsgi_async: refused a task for %s: %s",
-                    route.pattern.pattern, refusal.reason)
+                    route.pattern.pattern, refusal.reason,
+                    extra=task_fields(None, route.pattern.pattern, outcome="refused", status=503))
             self.service.observer.refused(route.pattern.pattern, refusal.kind)
             return send_error(environ, start_response, 503, refusal.detail, self._retry_after)
         if outcome == "conflict":
@@ -228,9 +232,11 @@ class AsyncMiddleware:
             return send_error(environ, start_response, 422,
                               "This Idempotency-Key was already used for a different request.")
         if outcome == "repeated":
-            log.info("wsgi_async: task %s repeated by its Idempotency-Key", stored.id)
+            log.info("wsgi_async: task %s repeated by its Idempotency-Key", stored.id,
+                     extra=task_fields(stored.id, stored.route, outcome="repeated"))
         else:
-            log.info("wsgi_async: task %s accepted route=%s", stored.id, stored.route)
+            log.info("wsgi_async: task %s accepted route=%s", stored.id, stored.route,
+                     extra=task_fields(stored.id, stored.route, outcome="accepted"))
         return self._accepted(environ, start_response, stored, prefer)
 
     def _accepted(

@@ -15,6 +15,7 @@ from typing import TypeVar
 
 from .capture import capture
 from .errors import RegistryError, ResponseError, ResultTooLarge, TaskCancelled, TaskTimeout
+from .logfields import task_fields
 from .model import (
     RequestSnapshot,
     StoredResponse,
@@ -65,7 +66,8 @@ class TaskRunner:
             self.supervisor.retry_later(task_id, lambda: self.registry.fail(task_id, response))
             return
         if record is None:
-            log.info("wsgi_async: task %s is no longer queued here; skipped", task_id)
+            log.info("wsgi_async: task %s is no longer queued here; skipped", task_id,
+                     extra=task_fields(task_id, outcome="skipped"))
             return
         began = time.monotonic()
         if record.started_at is not None:
@@ -92,7 +94,8 @@ class TaskRunner:
         outcome, code = (status.value, response.status_code)
         if stored is False:  # what ended the task first (timeout, cancel, reap) is its outcome
             outcome, code = self._settled(task_id)
-        self.observer.finished(record.route, outcome, code, time.monotonic() - began)
+        duration = time.monotonic() - began
+        self.observer.finished(record.route, outcome, code, duration)
         if log.isEnabledFor(logging.INFO):
             log.info(
                 "wsgi_async: task %s route=%s outcome=%s status=%s duration=%.3fs%s",
@@ -100,8 +103,10 @@ class TaskRunner:
                 record.route,
                 status.value,
                 response.status_code,
-                time.monotonic() - began,
+                duration,
                 _STORED_NOTE[stored],
+                extra=task_fields(task_id, record.route, outcome=outcome, status=code,
+                                  duration=duration),
             )
 
     def _settled(self, task_id: str) -> tuple[str, int]:
@@ -129,19 +134,22 @@ class TaskRunner:
             # The application stopped because its handle said so: nothing to log as an error.
             return TaskStatus.CANCELLED, cancelled_response(task_id)
         except ResultTooLarge as exc:
-            log.error("wsgi_async: task %s route=%s: %s", task_id, route, exc)
+            log.error("wsgi_async: task %s route=%s: %s", task_id, route, exc,
+                      extra=task_fields(task_id, route, outcome="failed", status=500))
             return TaskStatus.FAILED, error_response(
                 500, str(exc), id=task_id, reason="result_too_large"
             )
         except ResponseError as exc:
             log.error("wsgi_async: task %s route=%s produced an invalid response: %s",
-                      task_id, route, exc, exc_info=True)
+                      task_id, route, exc, exc_info=True,
+                      extra=task_fields(task_id, route, outcome="failed", status=500))
             return TaskStatus.FAILED, error_response(
                 500, "The application produced an invalid response.", id=task_id,
                 reason="invalid_response",
             )
         except (Exception, SystemExit, KeyboardInterrupt):
-            log.exception("wsgi_async: task %s route=%s raised", task_id, route)
+            log.exception("wsgi_async: task %s route=%s raised", task_id, route,
+                          extra=task_fields(task_id, route, outcome="failed", status=500))
             return TaskStatus.FAILED, error_response(
                 500, "The application raised an error while running this task.", id=task_id,
                 reason="application_error",

@@ -17,6 +17,7 @@ from urllib.parse import quote
 
 from .config import Options
 from .errors import RegistryError
+from .logfields import task_fields
 from .model import TaskRecord, Tombstone, cancelled_response
 from .observer import Observer
 from .prefer import parse_prefer
@@ -138,7 +139,8 @@ class StatusEndpoint:
         if not record.status.is_final and self.registry.cancel(
             record.id, cancelled_response(record.id)
         ):
-            log.info("wsgi_async: task %s cancelled", record.id)
+            log.info("wsgi_async: task %s cancelled", record.id,
+                     extra=task_fields(record.id, record.route, outcome="cancelled"))
             self.observer.cancelled()
             return send_empty(start_response, 204)
         self.registry.delete(record.id)

@@ -18,6 +18,7 @@ import weakref
 from collections.abc import Callable
 
 from .errors import RegistryError
+from .logfields import task_fields
 from .model import TaskRecord, error_response
 from .registry.base import Registry
 
@@ -137,7 +138,7 @@ class Supervisor:
         try:
             if self.registry.fail(task_id, response):
                 log.warning("wsgi_async: task %s timed out; its late result will be discarded",
-                            task_id)
+                            task_id, extra=task_fields(task_id, outcome="timeout", status=504))
         except RegistryError:
             log.exception("wsgi_async: could not store the timeout of task %s", task_id)
             with self._cond:
@@ -153,7 +154,8 @@ class Supervisor:
             if time.monotonic() < self._reap_from:
                 limit = 0
             for record in self.registry.reap(worker, limit) if limit > 0 else ():
-                log.warning("wsgi_async: replaying task %s, whose worker was lost", record.id)
+                log.warning("wsgi_async: replaying task %s, whose worker was lost", record.id,
+                            extra=task_fields(record.id, record.route, outcome="replayed"))
                 self._requeue(record)
             self.registry.expire(EXPIRE_BATCH)
         except RegistryError as exc:

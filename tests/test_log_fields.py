@@ -1,0 +1,79 @@
+"""Every log record about a task carries the same structured fields, for JSON formatters."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import pytest
+
+from wsgi_async.logfields import FIELDS
+from wsgi_helpers import client, echo_app, wait_result
+
+
+class JsonFormatter(logging.Formatter):
+    """What a JSON log formatter does: the message and the record's extra fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        document = {"message": record.getMessage()}
+        document.update({name: getattr(record, name, "MISSING") for name in FIELDS})
+        return json.dumps(document)
+
+
+@pytest.fixture
+def lines() -> Any:
+    handler = logging.Handler()
+    captured: list[dict[str, Any]] = []
+    formatter = JsonFormatter()
+    handler.emit = lambda record: captured.append(json.loads(formatter.format(record)))
+    logger = logging.getLogger("wsgi_async")
+    logger.addHandler(handler)
+    old = logger.level
+    logger.setLevel(logging.INFO)
+    yield captured
+    logger.removeHandler(handler)
+    logger.setLevel(old)
+
+
+def failing(environ: Any, start_response: Any) -> Any:
+    raise RuntimeError("boom")
+
+
+def test_accept_and_finish_records_carry_the_task_fields(lines: list[dict[str, Any]]) -> None:
+    middleware, app = client(echo_app)
+    try:
+        task = app.post("/async/x", b"hi", status=202)
+        wait_result(app, task.headers["Location"], status=201)
+        middleware.shutdown(wait=True, timeout=5)
+    finally:
+        middleware.shutdown(wait=False)
+    task_id = task.json["id"]
+    about = [line for line in lines if line["task_id"] == task_id]
+    accepted = next(line for line in about if line["outcome"] == "accepted")
+    assert accepted["route"] == "^/async" and accepted["status"] is None
+    done = next(line for line in about if line["outcome"] == "done")
+    assert done["route"] == "^/async" and done["status"] == 201
+    assert isinstance(done["duration"], float) and done["duration"] >= 0
+    assert f"task {task_id}" in done["message"]  # the message stays readable
+    for line in lines:
+        assert "MISSING" not in line.values(), line
+
+
+def test_a_failure_and_a_refusal_carry_their_outcome_and_status(
+    lines: list[dict[str, Any]],
+) -> None:
+    middleware, app = client(failing, validate_inner=False, max_body_size=4)
+    try:
+        task = app.post("/async", b"", status=202)
+        wait_result(app, task.headers["Location"], status=500)
+        app.post("/async", b"too large", status=413)
+        middleware.shutdown(wait=True, timeout=5)
+    finally:
+        middleware.shutdown(wait=False)
+    raised = [line for line in lines if line["task_id"] == task.json["id"]
+              and line["outcome"] == "failed"]
+    assert raised and all(line["status"] == 500 for line in raised)
+    refused = [line for line in lines if line["outcome"] == "refused"]
+    assert refused and refused[0]["status"] == 413 and refused[0]["task_id"] is None
+    assert refused[0]["route"] == "^/async"

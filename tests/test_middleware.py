@@ -1357,3 +1357,34 @@ def test_close_ends_the_memory_registrys_waits_at_once() -> None:
     began = time.monotonic()
     registry.wait(task.id, 10)  # closed: never blocks again
     assert time.monotonic() - began < 2
+
+
+def test_delete_never_long_polls(cleanup: list[AsyncMiddleware]) -> None:
+    gate = Gate()
+    _, app = make(cleanup, gate)
+    location = app.post("/async", b"").headers["Location"]
+    try:
+        began = time.monotonic()
+        app.delete(location, headers={"Prefer": "wait=5"}, status=204)  # cancelled
+        assert time.monotonic() - began < 2  # answered at once: a DELETE is never held
+    finally:
+        gate.opened.set()
+
+
+def test_owner_bound_results_are_private_unless_the_app_says_otherwise(
+    cleanup: list[AsyncMiddleware],
+) -> None:
+    def app(environ: Environ, start_response: Any) -> Iterable[bytes]:
+        headers = [("Content-Type", "text/plain")]
+        if environ["QUERY_STRING"] == "public":
+            headers.append(("Cache-Control", "public, max-age=60"))
+        start_response("200 OK", headers)
+        return [b"ok"]
+
+    _, owned = make(cleanup, app, owner=lambda environ: "alice")
+    for query, expected in (("", "private"), ("public", "public, max-age=60")):
+        location = owned.post(f"/async?{query}", b"").headers["Location"]
+        assert wait_result(owned, location, status=200).headers["Cache-Control"] == expected
+    _, shared = make(cleanup, app)
+    location = shared.post("/async", b"").headers["Location"]
+    assert "Cache-Control" not in wait_result(shared, location, status=200).headers

@@ -172,3 +172,55 @@ def test_every_option_is_a_typed_keyword_parameter_with_the_options_default() ->
 def test_a_misspelt_option_is_a_type_error_naming_it() -> None:
     with pytest.raises(TypeError, match="max_worker"):
         AsyncMiddleware(app, routes=["^/"], max_worker=3)  # type: ignore[call-arg]
+
+
+def test_optional_route_options_may_be_left_out() -> None:
+    options = build_options({"^/a": {"methods": ["POST"]}}, task_timeout=None)
+    (route,) = options.routes
+    assert route.timeout is None and route.result_ttl is None and route.replay is False
+    assert options.task_timeout is None
+
+
+@pytest.mark.parametrize("name", ["max_waiters", "max_workers", "retry_after", "lease_time",
+                                  "max_wait", "result_ttl"])
+def test_every_bound_is_validated(name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        build_options(["^/"], **{name: 0})
+
+
+def test_pending_bytes_may_equal_the_body_limit() -> None:
+    options = build_options(["^/"], max_body_size=100, max_pending_bytes=100)
+    assert options.max_pending_bytes == options.max_body_size == 100
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"), [("/jobs/", "/jobs"), ("/Tasks_X/", "/Tasks_X"), ("/a/b", "/a/b")]
+)
+def test_status_path_forms(given: str, expected: str) -> None:
+    assert build_options(["^/"], status_path=given).status_path == expected
+
+
+@pytest.mark.parametrize(
+    ("header", "respond_async", "wait"),
+    [("wait=5", False, 5.0), ("respond-async; x=1, wait=5; y", True, 5.0),
+     ("wait=5;a;b", False, 5.0), ("wait=X5", False, None), ('wait="7"', False, 7.0)],
+)
+def test_prefer_parsing(header: str, respond_async: bool, wait: float | None) -> None:
+    from wsgi_async.prefer import Preferences, parse_prefer
+
+    assert parse_prefer({"HTTP_PREFER": header}) == Preferences(respond_async, wait)
+
+
+@pytest.mark.parametrize(("raw", "key"), [('"a"', "a"), ("a", "a"), ('"ab"', "ab")])
+def test_idempotency_key_forms(raw: str, key: str) -> None:
+    from wsgi_async.idempotency import parse_idempotency_key
+
+    assert parse_idempotency_key({"HTTP_IDEMPOTENCY_KEY": raw}) == key
+
+
+@pytest.mark.parametrize("raw", ['""', "", "a b", "x" * 256])
+def test_bad_idempotency_keys_are_refused(raw: str) -> None:
+    from wsgi_async.idempotency import parse_idempotency_key
+
+    with pytest.raises(ValueError, match="Idempotency-Key"):
+        parse_idempotency_key({"HTTP_IDEMPOTENCY_KEY": raw})

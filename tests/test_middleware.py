@@ -1388,3 +1388,23 @@ def test_owner_bound_results_are_private_unless_the_app_says_otherwise(
     _, shared = make(cleanup, app)
     location = shared.post("/async", b"").headers["Location"]
     assert "Cache-Control" not in wait_result(shared, location, status=200).headers
+
+
+def test_a_gone_task_says_why_and_which(cleanup: list[AsyncMiddleware]) -> None:
+    gate = Gate()
+    _, app = make(cleanup, gate)
+    try:
+        cancelled = app.post("/async", b"").headers["Location"]
+        app.delete(cancelled, status=204)
+        res = app.get(cancelled, status=410)
+        assert res.json == {"error": "Gone", "detail": "The task was cancelled.",
+                            "id": cancelled.rsplit("/", 1)[1], "status": "cancelled"}
+        assert res.headers["Cache-Control"] == "no-store"
+    finally:
+        gate.opened.set()
+    done = app.post("/async", b"").headers["Location"]
+    wait_result(app, done, status=200)
+    app.delete(done, status=204)
+    res = app.get(done, status=410)
+    assert res.json == {"error": "Gone", "detail": "The task was deleted.",
+                        "id": done.rsplit("/", 1)[1], "status": "deleted"}

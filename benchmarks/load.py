@@ -15,6 +15,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from .procs import HOST, BenchError
 
@@ -38,6 +39,9 @@ class Connection:
     async def request(
         self, method: str, path: str, headers: Sequence[tuple[str, str]] = (), body: bytes = b""
     ) -> Response:
+        if path.startswith(("http://", "https://")):  # an absolute Location: its path
+            parts = urlsplit(path)
+            path = f"{parts.path}?{parts.query}" if parts.query else parts.path
         lines = [f"{method} {path} HTTP/1.1", f"Host: {HOST}:{self.port}"]
         lines += [f"{name}: {value}" for name, value in headers]
         if body or method in ("POST", "PUT"):

@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -84,7 +85,7 @@ def test_reports_the_progress_of_a_task_of_the_middleware(base: str) -> None:
 def test_follows_a_task_url_it_is_given(base: str) -> None:
     request = urllib.request.Request(base + "/long?seconds=0.5", data=b"again", method="POST")
     with urllib.request.urlopen(request, timeout=10) as accepted:
-        task_url = base + accepted.headers["Location"]
+        task_url = urllib.parse.urljoin(base, accepted.headers["Location"])
     response = client.call(task_url, "GET")
     assert (response.status, response.body, response.task_url) == (
         201, b"again" + RESULT, task_url)

@@ -370,7 +370,7 @@ def assert_same_response(replayed: TestResponse, bare: TestResponse) -> None:
 def assert_accepted(response: TestResponse) -> str:
     assert response.status == "202 Accepted"
     location = response.headers["Location"]
-    assert location.startswith("/_async/tasks/")
+    assert location.startswith("http://localhost/_async/tasks/")  # absolute (issue 11)
     assert response.headers["Retry-After"] == "1"
     assert response.headers["Cache-Control"] == "no-store"
     assert response.content_type == "application/json"

@@ -29,6 +29,7 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 from wsgiref.validate import validator
 
 import pytest
@@ -127,7 +128,8 @@ class Front:
         """A task's final answer, polled with :meth:`call`."""
         deadline = time.monotonic() + 10
         while True:
-            answer = self.call({"REQUEST_METHOD": "GET", "PATH_INFO": location},
+            path = urlsplit(location).path  # Location is absolute: poll its path
+            answer = self.call({"REQUEST_METHOD": "GET", "PATH_INFO": path},
                                validate=validate)
             if answer[0] != 202 or time.monotonic() > deadline:
                 return answer

@@ -41,7 +41,7 @@ wsgi_async demo on {base}
   All in one go:
        curl -s -D - -o /dev/null -X POST -d hello '{base}/reports?seconds=2' \\
          | awk 'tolower($1)=="location:" {{print $2}}' | tr -d '\\r' \\
-         | xargs -I{{}} curl -s -H 'Prefer: wait=10' '{base}{{}}'
+         | xargs -I{{}} curl -s -H 'Prefer: wait=10' '{{}}'
 """
 
 Handler = Callable[[argparse.Namespace], int]

@@ -20,10 +20,13 @@ RouteSpec = Iterable[RoutePattern] | Mapping[RoutePattern, RouteOptions]
 OwnerFunc = Callable[[WSGIEnvironment], str | None]
 
 MiB = 1024 * 1024
-ROUTE_OPTIONS = frozenset({"methods", "timeout", "result_ttl", "replay", "executor"})
+ROUTE_OPTIONS = frozenset({"methods", "timeout", "result_ttl", "replay", "executor", "mode"})
 # Where a task runs: this process's pool, separate worker processes, or the request itself.
 Executor = Literal["threads", "workers", "inline"]
 EXECUTORS: tuple[Executor, ...] = ("threads", "workers", "inline")
+# Which requests of a route become tasks: all, or only those asking (Prefer: respond-async).
+Mode = Literal["always", "prefer"]
+MODES: tuple[Mode, ...] = ("always", "prefer")
 _METHOD = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
@@ -37,6 +40,7 @@ class Route:
     result_ttl: float | None = None
     replay: bool = False
     executor: Executor | None = None
+    mode: Mode | None = None
     # Every path the pattern matches starts with it: a cheap test before the regex,
     # since routes are tried on every request.
     prefix: str = field(init=False, default="")
@@ -76,6 +80,8 @@ class Options:
     executor: Executor = "threads"
     metrics: bool | str = False
     tombstone_ttl: float = 86_400.0
+    absolute_location: bool = True
+    mode: Mode = "always"
 
     def route_for(self, path: str, method: str) -> Route | None:
         for route in self.routes:
@@ -88,6 +94,9 @@ class Options:
 
     def result_ttl_of(self, route: Route) -> float:
         return self.result_ttl if route.result_ttl is None else route.result_ttl
+
+    def mode_of(self, route: Route) -> Mode:
+        return self.mode if route.mode is None else route.mode
 
     def executor_of(self, route: Route) -> Executor:
         return self.executor if route.executor is None else route.executor
@@ -175,6 +184,7 @@ def _route(pattern: object, spec: object) -> Route:
         replay=replay,
         executor=None if spec.get("executor") is None
         else _executor(f"routes[{name!r}].executor", spec["executor"]),
+        mode=None if spec.get("mode") is None else _mode(f"routes[{name!r}].mode", spec["mode"]),
     )
 
 
@@ -203,6 +213,19 @@ def _positive(name: str, value: object, *, optional: bool = False, integer: bool
     number = float(value)  # type: ignore[arg-type]
     if not number > 0 or number != number or number == float("inf"):
         raise ValueError(f"{name} must be a finite number above 0, got {value!r}")
+    return value
+
+
+def _mode(name: str, value: object) -> Mode:
+    for mode in MODES:
+        if value == mode:
+            return mode
+    raise ValueError(f"{name} must be one of {', '.join(map(repr, MODES))}, got {value!r}")
+
+
+def _flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
     return value
 
 
@@ -264,6 +287,10 @@ def build_options(routes: object, **options: Any) -> Options:
         checked["status_path"] = _status_path(options["status_path"])
     if "metrics" in options:
         checked["metrics"] = _metrics(options["metrics"], checked.get("status_path"))
+    if "mode" in options:
+        checked["mode"] = _mode("mode", options["mode"])
+    if "absolute_location" in options:
+        checked["absolute_location"] = _flag("absolute_location", options["absolute_location"])
     owner = options.get("owner")
     if owner is not None and not callable(owner):
         raise TypeError(f"owner must be a callable taking the environ, got {owner!r}")

@@ -13,7 +13,16 @@ import logging
 from collections.abc import Iterable
 
 from . import graceful
-from .config import DEFAULTS, Executor, Options, OwnerFunc, Route, RouteSpec, build_options
+from .config import (
+    DEFAULTS,
+    Executor,
+    Mode,
+    Options,
+    OwnerFunc,
+    Route,
+    RouteSpec,
+    build_options,
+)
 from .executor import WorkerPool, check_uwsgi_threads, uwsgi_processes
 from .idempotency import caller_scope, parse_idempotency_key, scoped_key
 from .logfields import task_fields
@@ -31,6 +40,8 @@ from .supervisor import Supervisor
 from .types import StartResponse, WSGIApplication, WSGIEnvironment
 
 log = logging.getLogger("wsgi_async")
+
+VARY_PREFER = ("Vary", "Prefer")
 # The label of a refused request body in the metrics, by its status.
 BODY_REFUSALS = {400: "bad_request", 411: "length_required", 413: "body_too_large"}
 
@@ -47,7 +58,7 @@ class AsyncMiddleware:
     :param app: the WSGI application to wrap.
     :param routes: regexes matched with ``re.match`` on ``PATH_INFO``: a list,
         or a mapping of regex to a list of methods or to per-route options
-        (``methods``, ``timeout``, ``result_ttl``, ``replay``, ``executor``).
+        (``methods``, ``timeout``, ``result_ttl``, ``replay``, ``executor``, ``mode``).
     :param registry: where tasks live: a :class:`Registry` or a URL
         (``memory://``, ``sqlite:///path/tasks.db``, ``redis://host:port/db``).
     :param status_path: the path under ``SCRIPT_NAME`` where task URLs live.
@@ -81,6 +92,13 @@ class AsyncMiddleware:
     :param tombstone_ttl: seconds a forgotten task's id (expired, cancelled or
         deleted) answers ``410 Gone`` rather than ``404``, for a registry
         opened from a URL; at most ``max_tasks`` such ids are kept.
+    :param absolute_location: ``Location`` (and the status document's
+        ``location``) as a full URL on the request's scheme and host, as
+        werkzeug builds it (right behind ``ProxyFix``); ``False``: a path.
+    :param mode: which requests of a route become tasks, globally or per route
+        (``{"mode": ...}``): ``"always"``, or ``"prefer"``, only those that ask
+        with ``Prefer: respond-async`` (RFC 7240); the others reach the
+        application as if the middleware were absent.
     """
 
     def __init__(
@@ -108,6 +126,8 @@ class AsyncMiddleware:
         owner: OwnerFunc | None = None,
         metrics: bool | str = False,
         tombstone_ttl: float = DEFAULTS.tombstone_ttl,
+        absolute_location: bool = DEFAULTS.absolute_location,
+        mode: Mode = DEFAULTS.mode,
     ) -> None:
         options = {
             name: value for name, value in locals().items()
@@ -138,6 +158,7 @@ class AsyncMiddleware:
         self._status_length = len(self._status_path)
         self._retry_after = [("Retry-After", str(self.options.retry_after))]
         self._owner_func = self.options.owner
+        self._mode = self.options.mode
         self.status = StatusEndpoint(self.registry, self.options)
         self.status.observer = observer
         # Drained on SIGTERM and at exit, so that a stopping server loses no running task.
@@ -193,6 +214,9 @@ class AsyncMiddleware:
         # below it) runs the application: submitting it again would store a 202 as its result.
         if route is None or "wsgi_async.task" in environ:
             return self.app(environ, start_response)
+        # Opt-in routes (RFC 7240): only a request that asks becomes a task.
+        if (route.mode or self._mode) == "prefer" and not parse_prefer(environ).respond_async:
+            return self.app(environ, start_response)
         return self._submit(environ, start_response, route)
 
     def _submit(
@@ -243,13 +267,21 @@ class AsyncMiddleware:
         self, environ: WSGIEnvironment, start_response: StartResponse, record: TaskRecord,
         prefer: Preferences,
     ) -> Iterable[bytes]:
+        # Whether the answer is a 202 or the result itself depends on Prefer: say so.
         if prefer.wait:
-            waited = self.status.wait_for(record, min(prefer.wait, self.options.max_wait))
+            wait = min(prefer.wait, self.options.max_wait)
+            waited = self.status.wait_for(record, wait)
             if waited is not None and waited.status.is_final and waited.response is not None:
-                return replay(environ, start_response, waited.response, self.status.private)
+                applied = f"wait={wait:g}"
+                if prefer.respond_async:
+                    applied = f"respond-async, {applied}"
+                return replay(environ, start_response, waited.response, self.status.private,
+                              [("Preference-Applied", applied), VARY_PREFER])
             record = waited or record
-        applied = [("Preference-Applied", "respond-async")] if prefer.respond_async else []
-        return self.status.pending(environ, start_response, record, applied)
+        extra = [VARY_PREFER]
+        if prefer.respond_async:
+            extra.append(("Preference-Applied", "respond-async"))
+        return self.status.pending(environ, start_response, record, extra)
 
     def _owner(self, environ: WSGIEnvironment) -> str | None:
         if self._owner_func is None:

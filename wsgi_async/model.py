@@ -8,6 +8,7 @@ command and every registry backend; they serialise to JSON and bytes only
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import math
 import secrets
@@ -206,7 +207,19 @@ class TaskRecord:
         return {
             "id": self.id,
             "status": self.status.value,
-            "created_at": self.created_at,
-            "started_at": self.started_at,
+            "created_at": rfc3339(self.created_at),
+            "started_at": None if self.started_at is None else rfc3339(self.started_at),
             "progress": self.progress,
         }
+
+
+def rfc3339(timestamp: float) -> str:
+    """An epoch time as an RFC 3339 UTC string to the millisecond: ``2026-12-03T12:45:00.123Z``."""
+    seconds = int(timestamp)
+    return f"{_utc_second(seconds)}.{int((timestamp - seconds) * 1000):03d}Z"
+
+
+@functools.lru_cache(maxsize=256)
+def _utc_second(seconds: int) -> str:
+    # Tasks made at about the same time share their second: format it once.
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))

@@ -53,16 +53,19 @@ def send_empty(start_response: StartResponse, code: int) -> list[bytes]:
 
 def replay(
     environ: WSGIEnvironment, start_response: StartResponse, stored: StoredResponse,
-    private: bool = False,
+    private: bool = False, extra: Iterable[tuple[str, str]] = (),
 ) -> list[bytes]:
     """Send a stored response as the application produced it.
 
     Its own caching headers are kept; with ``private`` (a task bound to an
     owner) a response without ``Cache-Control`` gets ``Cache-Control: private``,
-    so no shared cache hands one caller's result to another.
+    so no shared cache hands one caller's result to another.  ``extra``
+    headers (the middleware's own, e.g. ``Preference-Applied``) go last.
     """
     headers = list(stored.headers)
     if private and not any(name.lower() == "cache-control" for name, _ in headers):
         headers.append(PRIVATE)
+    if extra:
+        headers.extend(extra)
     start_response(stored.status, headers)
     return [] if environ.get("REQUEST_METHOD") == "HEAD" else [stored.body]

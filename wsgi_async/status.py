@@ -104,7 +104,8 @@ class StatusEndpoint:
         headers: Iterable[tuple[str, str]] = (),
     ) -> list[bytes]:
         """The 202 document of a task that has not finished (a page when HTML is preferred)."""
-        location = task_url(environ, self.options.status_path, record.id)
+        location = task_url(environ, self.options.status_path, record.id,
+                            self.options.absolute_location)
         document = record.summary()
         document["location"] = location
         extra = [("Location", location), self._retry_after]
@@ -171,12 +172,51 @@ def owns(record: TaskRecord | Tombstone, owner: str | None) -> bool:
     return owner is not None and hmac.compare_digest(record.owner, owner)
 
 
-def task_url(environ: WSGIEnvironment, status_path: str, task_id: str) -> str:
-    """The task's absolute path, under the application's mount point."""
+def task_url(
+    environ: WSGIEnvironment, status_path: str, task_id: str, absolute: bool = False
+) -> str:
+    """The task's URL under the application's mount point: a path, or with ``absolute``
+    the full URL, on the request's own scheme and host."""
     script_name = environ.get("SCRIPT_NAME", "")
     if script_name:
         script_name = _quoted_mount(script_name)
-    return f"{script_name}{status_path}/{task_id}"
+    path = f"{script_name}{status_path}/{task_id}"
+    if absolute:
+        return origin(environ) + path
+    return path
+
+
+def origin(environ: WSGIEnvironment) -> str:
+    """``scheme://host[:port]`` of the request, as werkzeug builds the current URL.
+
+    ``wsgi.url_scheme``, then the ``Host`` header, else ``SERVER_NAME`` and
+    ``SERVER_PORT`` (the default port left out): so that behind ``ProxyFix``
+    it is the client's URL.  A host that is not a plain host name or IP
+    literal (a ``Host`` header carrying ``@`` or ``/``, say) is never used:
+    ``""`` when there is no usable one, and the URL stays a path.
+    """
+    return _origin(
+        environ.get("wsgi.url_scheme", "http"), environ.get("HTTP_HOST"),
+        environ.get("SERVER_NAME", ""), environ.get("SERVER_PORT", ""),
+    )
+
+
+_HOST = re.compile(r"(?:[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+_DEFAULT_PORTS = {"http": ":80", "https": ":443"}
+
+
+@functools.lru_cache(maxsize=64)
+def _origin(scheme: str, host: str | None, server_name: str, server_port: str) -> str:
+    if scheme not in _DEFAULT_PORTS:
+        scheme = scheme.lower() if scheme.lower() in _DEFAULT_PORTS else "http"
+    if host is None or not _HOST.fullmatch(host):
+        if ":" in server_name and not server_name.startswith("["):
+            server_name = f"[{server_name}]"  # an IPv6 SERVER_NAME
+        host = f"{server_name}:{server_port}" if server_port else server_name
+        if not _HOST.fullmatch(host):
+            return ""
+    host = host.removesuffix(_DEFAULT_PORTS[scheme])
+    return f"{scheme}://{host}"
 
 
 @functools.lru_cache(maxsize=64)

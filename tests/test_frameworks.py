@@ -413,6 +413,9 @@ def test_submit_poll_and_replay_byte_for_byte(stack: Stack) -> None:
 def test_prefer_wait_on_submit_answers_with_the_result(stack: Stack) -> None:
     replayed = stack.app.post_json("/reports/q4", PAYLOAD, headers=WAIT, status=201)
     bare = stack.bare.post_json("/reports/q4", PAYLOAD, status=201)
+    # The app's response, plus what says how it was chosen (RFC 7240, issue 11).
+    assert replayed.headerlist[-2:] == [("Preference-Applied", "wait=10"), ("Vary", "Prefer")]
+    del replayed.headerlist[-2:]
     assert_same_response(replayed, bare)
 
 

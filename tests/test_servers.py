@@ -381,6 +381,11 @@ def test_prefer_wait(served: Running) -> None:
     # On the submit: the result comes back instead of the 202.
     direct = served.request("POST", "/direct/slow?seconds=0", BODY, TOKEN)
     at_once = served.request("POST", "/slow?seconds=0.3", BODY, {**TOKEN, "Prefer": "wait=10"})
+    # Plus what says how it was chosen (RFC 7240, issue 11): the app's response otherwise.
+    assert at_once.header("Preference-Applied") == "wait=10"
+    assert at_once.header("Vary") == "Prefer"
+    said = {"preference-applied", "vary"}
+    at_once.headers[:] = [(k, v) for k, v in at_once.headers if k.lower() not in said]
     assert_same_as_direct(at_once, direct)
 
     # A wait shorter than the task answers 202 when it runs out, not later.

@@ -16,6 +16,7 @@ from wsgi_helpers import Environ, Gate, client, echo_app, wait_result
 
 @pytest.fixture
 def cleanup() -> Iterator[list[AsyncMiddleware]]:
+    """Middlewares to shut down; tests ask for it after ``registry``, so they stop first."""
     made: list[AsyncMiddleware] = []
     yield made
     for middleware in made:
@@ -63,7 +64,7 @@ class Cancellable:
 
 @pytest.mark.parametrize("raise_it", [False, True], ids=["cancelled", "check"])
 def test_a_running_task_learns_it_was_cancelled_and_its_result_is_discarded(
-    cleanup: list[AsyncMiddleware], registry: Registry, raise_it: bool,
+    registry: Registry, cleanup: list[AsyncMiddleware], raise_it: bool,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     app = Cancellable(raise_it)
@@ -90,7 +91,7 @@ def test_a_running_task_learns_it_was_cancelled_and_its_result_is_discarded(
 
 
 def test_a_cancelled_queued_task_never_runs(
-    cleanup: list[AsyncMiddleware], registry: Registry
+    registry: Registry, cleanup: list[AsyncMiddleware]
 ) -> None:
     gate = Gate()
     test_app = make(cleanup, gate, registry=registry, max_workers=1)
@@ -109,7 +110,7 @@ def test_a_cancelled_queued_task_never_runs(
 
 
 def test_a_long_poll_is_answered_by_the_cancel(
-    cleanup: list[AsyncMiddleware], registry: Registry
+    registry: Registry, cleanup: list[AsyncMiddleware]
 ) -> None:
     app = Cancellable()
     test_app = make(cleanup, app, registry=registry)
@@ -145,7 +146,7 @@ def test_delete_answers_404_for_what_is_not_the_callers_task(
 
 
 def test_a_deleted_finished_task_answers_410_deleted(
-    cleanup: list[AsyncMiddleware], registry: Registry
+    registry: Registry, cleanup: list[AsyncMiddleware]
 ) -> None:
     test_app = make(cleanup, echo_app, registry=registry)
     location = test_app.post("/async", b"x").headers["Location"]

@@ -1408,3 +1408,51 @@ def test_a_gone_task_says_why_and_which(cleanup: list[AsyncMiddleware]) -> None:
     res = app.get(done, status=410)
     assert res.json == {"error": "Gone", "detail": "The task was deleted.",
                         "id": done.rsplit("/", 1)[1], "status": "deleted"}
+
+
+class UnavailableRegistry(MemoryRegistry):
+    """A memory registry whose reads fail, as a registry behind a lost network does."""
+
+    down = False
+
+    def get(self, task_id: str) -> TaskRecord | None:
+        if self.down:
+            from wsgi_async.registry import RegistryUnavailable
+
+            raise RegistryUnavailable("the registry is unreachable")
+        return super().get(task_id)
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD", "DELETE"])
+def test_a_poll_while_the_registry_is_down_is_a_503(
+    cleanup: list[AsyncMiddleware], method: str
+) -> None:
+    registry = UnavailableRegistry()
+    _, app = make(cleanup, echo_app, registry=registry)
+    location = app.post("/async", b"").headers["Location"]
+    wait_result(app, location, status=201)
+    registry.down = True
+    res = app.request(location, method=method, status=503)
+    assert res.headers["Retry-After"] == "1" and res.headers["Cache-Control"] == "no-store"
+    if method != "HEAD":
+        assert res.json == {"error": "Service Unavailable",
+                            "detail": "The task registry is unavailable."}
+    else:
+        assert res.body == b"" and int(res.headers["Content-Length"]) > 0
+    registry.down = False
+    app.get(location, status=201)  # back without a restart
+
+
+def test_a_browser_gets_a_page_while_the_task_runs(cleanup: list[AsyncMiddleware]) -> None:
+    gate = Gate()
+    _, app = make(cleanup, gate)
+    html = {"Accept": "text/html"}
+    try:
+        location = app.post("/async", b"").headers["Location"]
+        page = app.get(location, headers=html, status=202)
+        assert page.content_type == "text/html" and page.headers["Location"] == location
+        assert page.headers["Content-Length"] == str(len(page.body)) and location in page.text
+        head = app.head(location, headers=html, status=202)
+        assert head.body == b"" and head.headers["Content-Length"] == str(len(page.body))
+    finally:
+        gate.opened.set()

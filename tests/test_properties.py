@@ -435,7 +435,9 @@ def test_header_bytes_returned_by_the_app(front: Front) -> None:
         assert body == (b"" if status[:3] in ("204", "205", "304") else b"body")
         hop = HOP_BY_HOP | {token.strip().lower() for name, value in headers
                             if name.lower() == "connection" for token in value.split(",")}
-        assert [(n, v) for n, v in sent if n.lower() != "content-length"] == [
+        # The app's headers in order, then the middleware's Async-Task naming the task.
+        assert sent[-1] == ("Async-Task", f'done;id="{res.json["id"]}"')
+        assert [(n, v) for n, v in sent[:-1] if n.lower() != "content-length"] == [
             (n, v) for n, v in headers if n.lower() not in hop]
 
     app_response()

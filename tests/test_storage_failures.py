@@ -49,6 +49,7 @@ def test_redis_restart_mid_run(durable_redis: RedisServer) -> None:
         assert "Traceback" not in refused.text
         poll = app.get(before, status=503)
         assert poll.headers["Retry-After"] == "3"
+        assert poll.headers["Async-Task"] == f'unavailable;id="{before.rsplit("/", 1)[1]}"'
         assert poll.json["error"] == "Service Unavailable"
         time.sleep(1.0)  # the in-flight task finishes while Redis is down
 

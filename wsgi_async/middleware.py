@@ -32,7 +32,7 @@ from .observer import Observer
 from .prefer import Preferences, parse_prefer
 from .registry import Registry, open_registry
 from .request import BodyError, read_body, snapshot
-from .responses import replay, send_error
+from .responses import replay, send_error, task_state
 from .runner import TaskRunner
 from .service import Refused, TaskService
 from .status import StatusEndpoint
@@ -276,7 +276,8 @@ class AsyncMiddleware:
                 if prefer.respond_async:
                     applied = f"respond-async, {applied}"
                 return replay(environ, start_response, waited.response, self.status.private,
-                              [("Preference-Applied", applied), VARY_PREFER])
+                              [("Preference-Applied", applied), VARY_PREFER,
+                               task_state(waited.status.value, waited.id)])
             record = waited or record
         extra = [VARY_PREFER]
         if prefer.respond_async:

@@ -14,6 +14,7 @@ from .registry.base import StoredResponse
 from .types import StartResponse, WSGIEnvironment
 
 NO_STORE = ("Cache-Control", "no-store")
+TASK_HEADER = "Async-Task"
 PRIVATE = ("Cache-Control", "private")
 JSON_TYPE = ("Content-Type", "application/json")
 
@@ -46,9 +47,22 @@ def send_error(
     return send_json(environ, start_response, code, error_document(code, detail, **extra), headers)
 
 
-def send_empty(start_response: StartResponse, code: int) -> list[bytes]:
-    start_response(status_line(code), [NO_STORE])
+def send_empty(
+    start_response: StartResponse, code: int, headers: Iterable[tuple[str, str]] = ()
+) -> list[bytes]:
+    start_response(status_line(code), [NO_STORE, *headers])
     return []
+
+
+def task_state(state: str, task_id: str | None = None) -> tuple[str, str]:
+    """The ``Async-Task`` header: the task a status-path response is about, and its state.
+
+    Every answer on the status path carries it, replays of the application's own
+    response included, so that a client tells the application's ``404`` from
+    the middleware's "no such task" (``Async-Task: unknown``).  A structured
+    field (RFC 8941): a token, then the id as a string parameter.
+    """
+    return (TASK_HEADER, state if task_id is None else f'{state};id="{task_id}"')
 
 
 def replay(

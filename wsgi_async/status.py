@@ -22,7 +22,7 @@ from .model import TaskRecord, Tombstone, cancelled_response
 from .observer import Observer
 from .prefer import parse_prefer
 from .registry import Registry
-from .responses import replay, send_empty, send_error, send_json
+from .responses import replay, send_empty, send_error, send_json, task_state
 from .status_page import HEADERS as PAGE_HEADERS
 from .status_page import prefers_html, render
 from .types import StartResponse, WSGIEnvironment
@@ -38,6 +38,7 @@ GONE = {
     "deleted": "The task was deleted.",
     "": "The task is no longer kept.",
 }
+UNKNOWN = task_state("unknown")  # an id this middleware does not hold, or none at all
 VARY = ("Vary", "Accept")  # a pending task answers JSON or, to a browser, a page
 
 
@@ -63,7 +64,8 @@ class StatusEndpoint:
         method = environ.get("REQUEST_METHOD", "GET")
         if method not in ("GET", "HEAD", "DELETE"):
             return send_error(environ, start_response, 405,
-                              f"{method} is not allowed on a task", [("Allow", ALLOWED)])
+                              f"{method} is not allowed on a task",
+                              [("Allow", ALLOWED), UNKNOWN])
         task_id = environ.get("PATH_INFO", "")[self._id_start :]
         if not TASK_ID.fullmatch(task_id):
             return self._not_found(environ, start_response)
@@ -91,9 +93,10 @@ class StatusEndpoint:
         except RegistryError as exc:
             log.warning("wsgi_async: status of %s unavailable: %s", task_id, exc)
             return send_error(environ, start_response, 503, "The task registry is unavailable.",
-                              [self._retry_after])
+                              [self._retry_after, task_state("unavailable", task_id)])
         if record.status.is_final and record.response is not None:
-            return replay(environ, start_response, record.response, self.private)
+            return replay(environ, start_response, record.response, self.private,
+                          [task_state(record.status.value, record.id)])
         return self.pending(environ, start_response, record)
 
     def pending(
@@ -108,7 +111,8 @@ class StatusEndpoint:
                             self.options.absolute_location)
         document = record.summary()
         document["location"] = location
-        extra = [("Location", location), self._retry_after]
+        extra = [("Location", location), self._retry_after,
+                 task_state(record.status.value, record.id)]
         if headers:
             extra.extend(headers)
         if prefers_html(environ):
@@ -143,9 +147,9 @@ class StatusEndpoint:
             log.info("wsgi_async: task %s cancelled", record.id,
                      extra=task_fields(record.id, record.route, outcome="cancelled"))
             self.observer.cancelled()
-            return send_empty(start_response, 204)
+            return send_empty(start_response, 204, [task_state("cancelled", record.id)])
         self.registry.delete(record.id)
-        return send_empty(start_response, 204)
+        return send_empty(start_response, 204, [task_state("deleted", record.id)])
 
     def _gone(
         self, environ: WSGIEnvironment, start_response: StartResponse, task_id: str,
@@ -156,13 +160,14 @@ class StatusEndpoint:
         if tombstone is None or not owns(tombstone, owner):
             return self._not_found(environ, start_response)
         return send_error(environ, start_response, 410, GONE.get(tombstone.status, GONE[""]),
+                          [task_state(tombstone.status or "gone", task_id)],
                           id=task_id, status=tombstone.status)
 
     def _not_found(self, environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
         detail = "No such task: the id is unknown, malformed or expired."
         if self.not_found_hint is not None:
             detail = f"{detail} Likely cause: {self.not_found_hint}"
-        return send_error(environ, start_response, 404, detail)
+        return send_error(environ, start_response, 404, detail, [UNKNOWN])
 
 
 def owns(record: TaskRecord | Tombstone, owner: str | None) -> bool:

@@ -12,8 +12,6 @@ import json
 import os
 import secrets
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REDIS_URL, free_port, require_redis
+from conftest import REDIS_URL, require_redis
+from gunicorn_helpers import Gunicorn
 
 pytestmark = pytest.mark.server
 
@@ -29,61 +28,17 @@ APPS = Path(__file__).parent / "apps"
 LEASE = 1.5
 
 
-def _no_control_socket() -> list[str]:
-    """gunicorn 23+ opens a shared control socket in the home folder unless told not to."""
-    help_text = subprocess.run([sys.executable, "-m", "gunicorn", "--help"],
-                               capture_output=True, text=True, timeout=30).stdout
-    return ["--no-control-socket"] if "--no-control-socket" in help_text else []
-
-
-NO_CONTROL_SOCKET = _no_control_socket()
-
-
-class Server:
-    """A gunicorn with three worker processes on a free loopback port."""
+class Server(Gunicorn):
+    """A gunicorn with three gthread worker processes serving mpapp."""
 
     def __init__(self, registry: str, marks: Path, *extra: str) -> None:
-        self.port = free_port()
         env = dict(os.environ, PYTHONPATH=str(APPS), WSGI_ASYNC_TEST_REGISTRY=registry,
                    WSGI_ASYNC_TEST_LEASE=str(LEASE), WSGI_ASYNC_TEST_MARKS=str(marks))
-        self.log = marks / "gunicorn.log"
-        self._log = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-w", "3", "-k", "gthread", "--threads", "4",
-             "-b", f"127.0.0.1:{self.port}", "--graceful-timeout", "3",
-             *NO_CONTROL_SOCKET, *extra, "mpapp:application"],
-            env=env, stdout=self._log, stderr=subprocess.STDOUT,
+        super().__init__(
+            "mpapp:application",
+            ["-w", "3", "-k", "gthread", "--threads", "4", "--graceful-timeout", "3", *extra],
+            env, marks / "gunicorn.log",
         )
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"gunicorn exited: {self.log.read_text()}")
-            try:
-                self.request("GET", "/pid")
-                return
-            except OSError:
-                time.sleep(0.1)
-        raise AssertionError("gunicorn did not start in 20 s")
-
-    def request(self, method: str, path: str, body: bytes = b"",
-                headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        try:
-            connection.request(method, path, body=body or None, headers=headers or {})
-            response = connection.getresponse()
-            return response.status, dict(response.getheaders()), response.read()
-        finally:
-            connection.close()
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
 
 
 def drop_keys(prefix: str) -> None:

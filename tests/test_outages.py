@@ -9,12 +9,8 @@ own result.
 
 from __future__ import annotations
 
-import http.client
 import os
-import signal
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import RedisServer, free_port
+from conftest import RedisServer
+from gunicorn_helpers import Gunicorn
 
 pytestmark = pytest.mark.server
 
@@ -61,7 +58,7 @@ def outage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Outage]:
         holder.close()
 
 
-class Gunicorn:
+class Server(Gunicorn):
     """gunicorn -w 3 serving mpapp on a free loopback port.
 
     Sync workers, so that concurrent submits spread over the processes (one
@@ -69,53 +66,15 @@ class Gunicorn:
     """
 
     def __init__(self, registry: str, marks: Path) -> None:
-        self.port = free_port()
         env = dict(os.environ, PYTHONPATH=str(APPS), WSGI_ASYNC_TEST_REGISTRY=registry,
                    WSGI_ASYNC_TEST_LEASE=str(LEASE), WSGI_ASYNC_TEST_MARKS=str(marks))
-        self.log = marks / "gunicorn.log"
-        self._log = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
-        help_text = subprocess.run([sys.executable, "-m", "gunicorn", "--help"],
-                                   capture_output=True, text=True, timeout=30).stdout
-        extra = ["--no-control-socket"] if "--no-control-socket" in help_text else []
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-w", "3", "-k", "sync",
-             "-b", f"127.0.0.1:{self.port}", "--graceful-timeout", "3", *extra,
-             "mpapp:application"],
-            env=env, stdout=self._log, stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 20
-        while True:
-            assert self.process.poll() is None, f"gunicorn exited: {self.log.read_text()}"
-            try:
-                self.request("GET", "/pid")
-                return
-            except OSError:
-                assert time.monotonic() < deadline, "gunicorn did not start in 20 s"
-                time.sleep(0.1)
-
-    def request(self, method: str, path: str, body: bytes = b"",
-                headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        try:
-            connection.request(method, path, body=body or None, headers=headers or {})
-            response = connection.getresponse()
-            return response.status, dict(response.getheaders()), response.read()
-        finally:
-            connection.close()
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
+        super().__init__("mpapp:application",
+                         ["-w", "3", "-k", "sync", "--graceful-timeout", "3"],
+                         env, marks / "gunicorn.log")
 
 
 def test_an_outage_longer_than_the_lease_reaps_nobody(outage: Outage, tmp_path: Path) -> None:
-    server = Gunicorn(outage.registry, tmp_path)
+    server = Server(outage.registry, tmp_path)
     try:
         submitted: dict[str, bytes] = {}
         lock = threading.Lock()

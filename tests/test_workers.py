@@ -8,7 +8,6 @@ the queue is bounded by ``max_queued``.  Every process is killed by its pid.
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import secrets
@@ -23,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REDIS_URL, free_port, require_redis
+from gunicorn_helpers import NO_CONTROL_SOCKET, http_call
 
 pytestmark = pytest.mark.server
 
@@ -30,16 +30,6 @@ APPS = Path(__file__).parent / "apps"
 BIN = Path(sys.executable).parent
 LEASE = 1.5
 MAX_QUEUED = 5
-
-
-def _no_control_socket() -> list[str]:
-    """gunicorn 23+ opens a shared control socket in the home folder unless told not to."""
-    help_text = subprocess.run([sys.executable, "-m", "gunicorn", "--help"],
-                               capture_output=True, text=True, timeout=30).stdout
-    return ["--no-control-socket"] if "--no-control-socket" in help_text else []
-
-
-NO_CONTROL_SOCKET = _no_control_socket()
 
 
 class Cluster:
@@ -92,13 +82,7 @@ class Cluster:
 
     def request(self, method: str, path: str, body: bytes = b"",
                 headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        try:
-            connection.request(method, path, body=body or None, headers=headers or {})
-            response = connection.getresponse()
-            return response.status, dict(response.getheaders()), response.read()
-        finally:
-            connection.close()
+        return http_call(self.port, method, path, body, headers)
 
     def submit(self, path: str, body: bytes) -> str:
         status, headers, answer = self.request("POST", path, body)

@@ -16,6 +16,7 @@ import tarfile
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
 from pathlib import Path
@@ -89,7 +90,9 @@ def check_install(artifact: Path, version: str, work: Path) -> None:
         status, headers, body = request(base + "/reports?seconds=0.2", "POST", b"hello")
         if status != 202 or "Location" not in headers:
             sys.exit(f"check_dist: submit answered {status} {body!r}")
-        status, _, body = request(base + headers["Location"], headers={"Prefer": "wait=10"})
+        # Location is absolute by default; a path (absolute_location=False) joins the same way.
+        location = urllib.parse.urljoin(base + "/", headers["Location"])
+        status, _, body = request(location, headers={"Prefer": "wait=10"})
         if status != 201 or json.loads(body)["you_sent"] != "hello":
             sys.exit(f"check_dist: the result was {status} {body!r}")
         # The base install is enough for the client too (its progress bar included).

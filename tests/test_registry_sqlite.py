@@ -513,7 +513,7 @@ def reap_child(pid: int, timeout: float = 10) -> int:
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 @pytest.mark.filterwarnings("ignore:.*fork.*:DeprecationWarning")
 def test_a_forked_child_uses_its_own_connection_and_socket(reg: SQLiteRegistry) -> None:
-    inherited = reg._connection()
+    inherited = reg.connections.connection()
     reg.wait(reg.create(new_task("idle")).id, 0.05)  # the parent listens before the fork
     parent_socket = sockets(reg)
     for_child = reg.create(new_task("child"))
@@ -525,7 +525,7 @@ def test_a_forked_child_uses_its_own_connection_and_socket(reg: SQLiteRegistry) 
     if pid == 0:  # pragma: no cover - runs in the child
         code = 1
         try:
-            assert reg._connection() is not inherited
+            assert reg.connections.connection() is not inherited
             assert reg.start(for_child.id, "child") is not None
             assert reg.finish(for_child.id, "child", TaskStatus.DONE, OK)
             on_read(reg, for_parent.id, SUBSCRIBED, lambda: os.write(subscribed, b"!"))
@@ -550,17 +550,17 @@ def test_a_forked_child_uses_its_own_connection_and_socket(reg: SQLiteRegistry) 
         os.close(waiting)
     assert exitcode == 0
     # The child's close() left the parent's connection and socket alone.
-    assert reg._connection() is inherited
+    assert reg.connections.connection() is inherited
     assert sockets(reg) == parent_socket
     assert reg.get(for_child.id) is not None
 
 
 def test_each_thread_has_its_own_connection(reg: SQLiteRegistry) -> None:
-    mine = reg._connection()
+    mine = reg.connections.connection()
     theirs: list[sqlite3.Connection] = []
 
     def use() -> None:
-        theirs.append(reg._connection())
+        theirs.append(reg.connections.connection())
         reg.get("missing")
 
     for _ in range(2):
@@ -570,16 +570,16 @@ def test_each_thread_has_its_own_connection(reg: SQLiteRegistry) -> None:
     assert theirs[0] is not mine and theirs[1] is not theirs[0]
     with pytest.raises(sqlite3.ProgrammingError):  # closed when the next thread connected
         theirs[0].execute("SELECT 1")
-    assert reg._connection() is mine
+    assert reg.connections.connection() is mine
 
 
 def test_a_connection_from_another_pid_is_never_used(reg: SQLiteRegistry) -> None:
-    inherited = reg._connection()
+    inherited = reg.connections.connection()
     task = reg.create(new_task())
-    reg._process.pid = -1  # as if the registry had crossed a fork unnoticed
+    reg.connections.process.pid = -1  # as if the registry had crossed a fork unnoticed
     try:
         assert reg.get(task.id) is not None
-        assert reg._connection() is not inherited
+        assert reg.connections.connection() is not inherited
     finally:
         inherited.close()  # safe here: this process opened it
 

@@ -22,7 +22,7 @@ from webtest import TestApp
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from wsgi_async import AsyncMiddleware
-from wsgi_helpers import Environ, Gate, client, echo_app, read_body, wait_result
+from wsgi_helpers import Environ, Gate, client, echo_app, raw_call, read_body, wait_result
 
 
 @pytest.fixture
@@ -40,32 +40,6 @@ def make(
     middleware, test_app = client(app, **options)
     cleanup.append(middleware)
     return middleware, test_app
-
-
-def raw_call(app: Any, environ: Environ) -> tuple[str, list[tuple[str, str]], bytes]:
-    """Call ``app`` with a minimal environ (for values webtest would correct)."""
-    answer: list[Any] = []
-    base: Environ = {
-        "REQUEST_METHOD": "POST", "PATH_INFO": "/async", "SCRIPT_NAME": "", "QUERY_STRING": "",
-        "SERVER_NAME": "localhost", "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1",
-        "wsgi.version": (1, 0), "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO(b""),
-        "wsgi.errors": io.StringIO(), "wsgi.multithread": True, "wsgi.multiprocess": False,
-        "wsgi.run_once": False,
-    }
-    base.update(environ)
-
-    def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
-        answer[:] = [status, headers]
-        return lambda data: None
-
-    result = app(base, start_response)
-    try:
-        body = b"".join(result)
-    finally:
-        close = getattr(result, "close", None)
-        if close is not None:
-            close()
-    return answer[0], answer[1], body
 
 
 def counting(calls: list[bytes]) -> Any:

@@ -39,7 +39,7 @@ from webtest import TestApp
 
 from conftest import free_port
 from wsgi_async import AsyncMiddleware
-from wsgi_helpers import Environ, echo_app
+from wsgi_helpers import Environ, echo_app, raw_call
 
 settings.register_profile(
     "fast", max_examples=60, deadline=None, database=None,
@@ -98,29 +98,8 @@ class Front:
 
     def call(self, environ: Environ, *, validate: bool = True) -> tuple[int, list[Any], bytes]:
         """Call the middleware with ``environ`` completed; the answer, its headers checked."""
-        base: Environ = {
-            "REQUEST_METHOD": "POST", "SCRIPT_NAME": "", "PATH_INFO": "/async",
-            "QUERY_STRING": "", "SERVER_NAME": "localhost", "SERVER_PORT": "80",
-            "SERVER_PROTOCOL": "HTTP/1.1", "wsgi.version": (1, 0), "wsgi.url_scheme": "http",
-            "wsgi.input": io.BytesIO(b""), "wsgi.errors": io.StringIO(),
-            "wsgi.multithread": True, "wsgi.multiprocess": False, "wsgi.run_once": False,
-        }
-        base.update(environ)
-        answer: list[Any] = []
-
-        def start_response(status: str, headers: list[Any], exc_info: Any = None) -> Any:
-            answer[:] = [status, headers]
-            return lambda data: None
-
         target = validator(self.middleware) if validate else self.middleware
-        result = target(base, start_response)
-        try:
-            body = b"".join(result)
-        finally:
-            close = getattr(result, "close", None)
-            if close is not None:
-                close()
-        status, headers = answer
+        status, headers, body = raw_call(target, environ)
         check_headers(headers)
         return int(status[:3]), headers, body
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -99,3 +100,30 @@ def client(
 def wait_result(test_app: TestApp, location: str, status: int | str = "*", **kw: Any) -> Any:
     """Fetch a task's final response, holding with ``Prefer: wait``."""
     return test_app.get(location, headers={"Prefer": "wait=10"}, status=status, **kw)
+
+
+def raw_call(app: Any, environ: Environ) -> tuple[str, list[tuple[str, str]], bytes]:
+    """Call ``app`` with a minimal environ completed by ``environ`` (for values webtest would
+    correct); its status, headers and whole body, its iterable closed."""
+    answer: list[Any] = []
+    base: Environ = {
+        "REQUEST_METHOD": "POST", "PATH_INFO": "/async", "SCRIPT_NAME": "", "QUERY_STRING": "",
+        "SERVER_NAME": "localhost", "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1",
+        "wsgi.version": (1, 0), "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO(b""),
+        "wsgi.errors": io.StringIO(), "wsgi.multithread": True, "wsgi.multiprocess": False,
+        "wsgi.run_once": False,
+    }
+    base.update(environ)
+
+    def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        answer[:] = [status, headers]
+        return lambda data: None
+
+    result = app(base, start_response)
+    try:
+        body = b"".join(result)
+    finally:
+        close = getattr(result, "close", None)
+        if close is not None:
+            close()
+    return answer[0], answer[1], body

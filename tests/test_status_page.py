@@ -7,10 +7,13 @@ under CI (``CI`` set), as a missing Redis does.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 import urllib.parse
@@ -138,16 +141,36 @@ def base() -> Iterator[str]:
 
 
 def browse(chromium: str, profile: Path, url: str, *args: str) -> str:
-    """Run headless chromium on ``url``; returns what it prints (``--dump-dom``)."""
-    profile.mkdir(exist_ok=True)
-    done = subprocess.run(
-        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-         "--no-first-run", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", f"--user-data-dir={profile}", "--window-size=800,600", *args, url],
-        capture_output=True, text=True, timeout=90,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout
+    """Run headless chromium on ``url``; returns what it prints (``--dump-dom``).
+
+    Headless chromium now and then hangs on a loaded machine (seen in CI, with its own
+    dbus errors) whatever the page does; such a run is killed, with every process it
+    started, and tried once more from a fresh profile. A second hang fails the test.
+    """
+    for attempt in (1, 2):
+        folder = profile.with_name(f"{profile.name}-{attempt}")
+        folder.mkdir(exist_ok=True)
+        process = subprocess.Popen(
+            [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+             "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", f"--user-data-dir={folder}",
+             "--window-size=800,600", *args, url],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True,
+        )
+        try:
+            stdout, stderr = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            continue
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+        assert process.returncode == 0, stderr[-2000:]
+        return stdout
+    pytest.fail(f"headless chromium hung twice on {url}")
 
 
 def submit(url: str) -> str:
@@ -212,8 +235,7 @@ def test_the_browser_shows_the_progress_of_a_task_of_the_middleware(
     rendered, shown = int(bar.group(2)), int(bar.group(1))
     assert 1 <= rendered < shown < 30 and message.group(1) == message.group(2) == str(shown)
     shot = tmp_path / "middleware-progress.png"
-    browse(chromium, tmp_path / "profile", task, "--virtual-time-budget=250",
-           f"--screenshot={shot}")
+    browse(chromium, tmp_path / "profile", task, "--timeout=1500", f"--screenshot={shot}")
     assert_png(shot)
 
 

@@ -9,6 +9,7 @@ the queue is bounded by ``max_queued``.  Every process is killed by its pid.
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import signal
@@ -185,6 +186,43 @@ def test_two_workers_run_every_task_and_the_web_process_none(cluster: Cluster) -
     assert set(ran_in) == workers, (ran_in, workers)  # both workers, never the web process
     assert cluster.web_pid not in ran_in
     print(f"tasks per worker: {sorted(ran_in.values())}")
+
+
+def test_progress_and_cancel_cross_from_and_to_the_worker(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    worker = cluster.worker("--threads", "2")
+    location = cluster.submit("/steps?count=300", b"")
+    # The worker's progress, read by the web process from the shared registry.
+    deadline = time.monotonic() + 20
+    while True:
+        status, headers, body = cluster.request("GET", location)
+        assert status == 202, body
+        progress = json.loads(body)["progress"]
+        if progress is not None and progress["current"] >= 3:
+            break
+        assert time.monotonic() < deadline, "no progress from the worker"
+        time.sleep(0.1)
+    assert progress["total"] == 300 and progress["message"].endswith(f" in {worker.pid}")
+    assert progress["percent"] == math.floor(progress["current"] * 10_000 / 300) / 100
+    # DELETE on the web process reaches the task running in the worker within about
+    # a second (CHECK_INTERVAL): the application sees it and stops.
+    cancelled_at = time.monotonic()
+    status, headers, body = cluster.request("DELETE", location)
+    assert status == 204, body
+    mark = tmp_path / f"{task_id(location)}.cancelled"
+    while not mark.exists():
+        assert time.monotonic() - cancelled_at < 5, cluster.logs()
+        time.sleep(0.05)
+    pid, step = map(int, mark.read_text().split())
+    assert pid == worker.pid and step < 300
+    status, headers, body = cluster.request("GET", location)
+    assert status == 410 and json.loads(body)["status"] == "cancelled", body
+    # The late result is never stored, and the worker goes on with the next task.
+    time.sleep(0.5)
+    assert cluster.request("GET", location)[0] == 410
+    status, headers, body = cluster.final(cluster.submit("/work", b"next"))
+    assert (status, body, int(headers["X-Pid"])) == (200, b"done:next", worker.pid)
 
 
 @pytest.mark.parametrize("replay", [True, False])

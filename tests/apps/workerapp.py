@@ -26,6 +26,8 @@ def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [str(os.getpid()).encode()]
     task = environ.get("wsgi_async.task")
+    if environ["PATH_INFO"] == "/steps":
+        return steps(environ, start_response, task)
     if task is not None:
         (MARKS / f"{task.id}.{task.attempt}").write_text(str(os.getpid()))
     seconds = float(parse_qs(environ.get("QUERY_STRING", "")).get("sleep", ["0"])[0])
@@ -39,11 +41,25 @@ def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
     return [b"done:", body]
 
 
+def steps(environ: dict[str, Any], start_response: Any, task: Any) -> Iterable[bytes]:
+    """Report ``count`` steps of 0.1 s each; stop at a cancel and leave ``<id>.cancelled``."""
+    count = int(parse_qs(environ.get("QUERY_STRING", "")).get("count", ["100"])[0])
+    for step in range(1, count + 1):
+        if task.cancelled:
+            (MARKS / f"{task.id}.cancelled").write_text(f"{os.getpid()} {step}")
+            task.check()  # raises TaskCancelled: the task ends quietly
+        time.sleep(0.1)
+        task.progress(step, count, f"step {step} in {os.getpid()}")
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"all steps"]
+
+
 application = AsyncMiddleware(
     app,
     routes={
         r"^/work$": {"methods": ["POST"], "executor": "workers"},
         r"^/replay$": {"methods": ["POST"], "replay": True, "executor": "workers"},
+        r"^/steps$": {"methods": ["POST"], "executor": "workers"},
     },
     registry=os.environ.get("WSGI_ASYNC_TEST_REGISTRY", "sqlite:///tasks.db"),
     lease_time=float(os.environ.get("WSGI_ASYNC_TEST_LEASE", "15")),

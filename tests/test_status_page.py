@@ -124,6 +124,10 @@ def test_the_middleware_answers_a_browser_with_the_page() -> None:
 # -- in a real browser -------------------------------------------------------------------
 
 
+# The browser tests below start a real server (live_server) for chromium to load.
+browser = pytest.mark.server
+
+
 @pytest.fixture(scope="module")
 def chromium() -> str:
     binary = shutil.which("chromium")
@@ -192,6 +196,7 @@ def assert_png(path: Path) -> None:
     assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 2000
 
 
+@browser
 def test_the_browser_shows_the_state_then_the_result(
     chromium: str, base: str, tmp_path: Path
 ) -> None:
@@ -212,6 +217,7 @@ def test_the_browser_shows_the_state_then_the_result(
     assert time.monotonic() - began >= 8
 
 
+@browser
 def test_the_browser_shows_the_progress_of_a_task_of_the_middleware(
     chromium: str, base: str, tmp_path: Path
 ) -> None:
@@ -239,6 +245,7 @@ def test_the_browser_shows_the_progress_of_a_task_of_the_middleware(
     assert_png(shot)
 
 
+@browser
 def test_the_browser_fills_the_bar_from_the_polls(
     chromium: str, base: str, tmp_path: Path
 ) -> None:

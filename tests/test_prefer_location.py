@@ -185,3 +185,26 @@ def test_timestamps_are_rfc3339_utc_strings(cleanup: list[AsyncMiddleware]) -> N
         assert pending["created_at"] <= pending["started_at"]
     finally:
         release.set()
+
+
+def test_a_wait_that_ends_before_the_task_answers_the_state_it_reached(
+    cleanup: list[AsyncMiddleware],
+) -> None:
+    started, gate = threading.Event(), threading.Event()
+
+    def app(environ: Any, start_response: Any) -> Any:
+        started.set()
+        gate.wait(10)
+        return echo_app(environ, start_response)
+
+    test_app = make(cleanup, app)
+    try:
+        # Queued when stored, running when the wait ends: the 202 says running.
+        answer = test_app.post("/async", b"x", headers={"Prefer": "wait=1"}, status=202)
+        assert started.is_set()
+        assert answer.json["status"] == "running"
+        assert answer.headers["Async-Task"].startswith("running;")
+        assert "Prefer" in answer.headers.getall("Vary")
+        assert "Preference-Applied" not in answer.headers
+    finally:
+        gate.set()

@@ -275,3 +275,31 @@ def test_a_replay_with_no_free_worker_fails_with_a_stored_503() -> None:
     finally:
         gate.set()
         service.shutdown()
+
+
+def test_a_task_environ_is_the_snapshot_plus_the_pep_3333_keys_and_the_handle() -> None:
+    seen: dict[str, Any] = {}
+
+    def app(environ: Any, start_response: Any) -> Any:
+        seen.update(environ)
+        return echo_app(environ, start_response)
+
+    registry = MemoryRegistry()
+    options = build_options([r"^/a"])
+    service = TaskService(app, registry, options)
+    try:
+        # A snapshot stored without a scheme (made by hand, or by an older version).
+        bare = RequestSnapshot({"REQUEST_METHOD": "POST", "PATH_INFO": "/a",
+                                "SCRIPT_NAME": "", "QUERY_STRING": "", "CONTENT_LENGTH": "2"},
+                               b"hi")
+        record, _ = service.submit(options.routes[0], bare)
+        done = registry.wait(record.id, 10)
+        assert done is not None and done.status is TaskStatus.DONE
+    finally:
+        service.shutdown()
+    added = {"wsgi.version", "wsgi.url_scheme", "wsgi.input", "wsgi.input_terminated",
+             "wsgi.errors", "wsgi.multithread", "wsgi.multiprocess", "wsgi.run_once",
+             "wsgi.file_wrapper", "wsgi_async.task"}
+    assert set(seen) == set(bare.environ) | added
+    assert seen["wsgi.url_scheme"] == "http" and seen["wsgi.version"] == (1, 0)
+    assert seen["wsgi_async.task"].id == record.id

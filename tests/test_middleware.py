@@ -1456,3 +1456,36 @@ def test_a_browser_gets_a_page_while_the_task_runs(cleanup: list[AsyncMiddleware
         assert head.body == b"" and head.headers["Content-Length"] == str(len(page.body))
     finally:
         gate.opened.set()
+
+
+def test_shutdown_finishes_queued_tasks_by_default_and_stops_at_its_timeout() -> None:
+    gate = threading.Event()
+    ran: list[bytes] = []
+
+    def app(environ: Environ, start_response: Any) -> Iterable[bytes]:
+        body = read_body(environ)
+        if body == b"held":
+            gate.wait(10)
+        elif body == b"slow":
+            time.sleep(0.3)
+        ran.append(body)
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [body]
+
+    middleware, test_app = client(app, max_workers=1)
+    try:
+        test_app.post("/async", b"slow", status=202)
+        test_app.post("/async", b"quick", status=202)  # queued behind the slow one
+        middleware.shutdown()  # wait=True: the queued task runs first
+        assert ran == [b"slow", b"quick"]
+    finally:
+        middleware.shutdown()
+    middleware, test_app = client(app, max_workers=1)
+    try:
+        test_app.post("/async", b"held", status=202)
+        began = time.monotonic()
+        middleware.shutdown(wait=True, timeout=0.3)
+        assert time.monotonic() - began < 3  # not the 10 s the task holds
+    finally:
+        gate.set()
+        middleware.shutdown()

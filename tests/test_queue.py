@@ -36,6 +36,10 @@ def test_memory_registry_has_no_queue() -> None:
     assert not registry.capabilities.queue
     with pytest.raises(RegistryError, match="no queue"):
         registry.enqueue(new_task(), REQUEST, max_queued=10)
+    with pytest.raises(RegistryError, match="no queue"):
+        registry.claim("w1", ["^/r"], 1, 0.0, 15.0)
+    registry.create(new_task())
+    assert registry.queued() == 0  # a task in its own process's pool is not on a queue
 
 
 def test_a_claimed_task_carries_its_request_and_runs_once(queue: Registry) -> None:

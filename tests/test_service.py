@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -303,3 +304,114 @@ def test_a_task_environ_is_the_snapshot_plus_the_pep_3333_keys_and_the_handle() 
     assert set(seen) == set(bare.environ) | added
     assert seen["wsgi.url_scheme"] == "http" and seen["wsgi.version"] == (1, 0)
     assert seen["wsgi_async.task"].id == record.id
+
+
+def test_an_inline_task_sees_whether_the_server_runs_several_processes() -> None:
+    seen: list[object] = []
+
+    def app(environ: Any, start_response: Any) -> Any:
+        seen.append(environ["wsgi.multiprocess"])
+        return echo_app(environ, start_response)
+
+    options = build_options([r"^/a"], executor="inline")
+    service = TaskService(app, MemoryRegistry(), options)
+    try:
+        service.submit(options.routes[0], snapshot(POST, b"one"), multiprocess=True)
+        service.submit(options.routes[0], snapshot(POST, b"two"), multiprocess=False)
+        assert seen == [True, False]
+    finally:
+        service.shutdown()
+
+
+def test_an_inline_task_repeated_by_its_key_runs_once() -> None:
+    ran: list[bytes] = []
+
+    def app(environ: Any, start_response: Any) -> Any:
+        ran.append(environ["wsgi.input"].read())
+        return echo_app(environ, start_response)
+
+    options = build_options([r"^/a"], executor="inline")
+    service = TaskService(app, MemoryRegistry(), options)
+    route = options.routes[0]
+    try:
+        first, outcome = service.submit(route, snapshot(POST, b"once"), key="k")
+        assert outcome == "new" and first.status is TaskStatus.DONE
+        again, outcome = service.submit(route, snapshot(POST, b"once"), key="k")
+        assert (again.id, outcome) == (first.id, "repeated")
+        assert ran == [b"once"]
+    finally:
+        service.shutdown()
+
+
+def test_an_inline_task_stored_after_its_submit_failed_runs_once_for_the_retry() -> None:
+    registry = LostCreateReplies(lose=1)
+    seen: list[object] = []
+
+    def app(environ: Any, start_response: Any) -> Any:
+        seen.append(environ["wsgi.multiprocess"])
+        return echo_app(environ, start_response)
+
+    options = build_options([r"^/a"], executor="inline", lease_time=0.6)
+    service = TaskService(app, registry, options)
+    route = options.routes[0]
+    try:
+        with pytest.raises(Refused):
+            service.submit(route, snapshot(POST, b"keyed"), key="k1", multiprocess=True)
+        [lost] = registry.lost
+        again, outcome = service.submit(route, snapshot(POST, b"keyed"), key="k1",
+                                        multiprocess=True)
+        assert (again.id, outcome) == (lost, "repeated")
+        # The supervisor runs it, with the request it was submitted with.
+        done = registry.wait(lost, 10)
+        assert done is not None and done.status is TaskStatus.DONE
+        assert done.response is not None and done.response.body == b"echo:keyed"
+        assert seen == [True]
+    finally:
+        service.shutdown()
+
+
+def test_a_refusal_carries_its_reason_as_its_message() -> None:
+    gate = threading.Event()
+
+    def app(environ: Any, start_response: Any) -> Any:
+        gate.wait(10)
+        return echo_app(environ, start_response)
+
+    options = build_options([r"^/a"], max_workers=1, max_queued=1)
+    service = TaskService(app, MemoryRegistry(), options)
+    try:
+        service.submit(options.routes[0], snapshot(POST, b"running"))
+        service.submit(options.routes[0], snapshot(POST, b"queued"))
+        with pytest.raises(Refused) as refused:
+            service.submit(options.routes[0], snapshot(POST, b"refused"))
+        reason = "all 1 workers are busy and 1 tasks wait"
+        assert (str(refused.value), refused.value.reason) == (reason, reason)
+        assert refused.value.detail == (
+            "The server is busy: its task queue is full; try again later.")
+        assert refused.value.kind == "queue_full"
+    finally:
+        gate.set()
+        service.shutdown()
+
+
+def test_a_refused_request_is_logged_with_its_reason(caplog: pytest.LogCaptureFixture) -> None:
+    gate = threading.Event()
+
+    def app(environ: Any, start_response: Any) -> Any:
+        gate.wait(10)
+        return echo_app(environ, start_response)
+
+    middleware, test_app = client(app, max_workers=1, max_queued=1)
+    try:
+        test_app.post("/async", b"running", status=202)
+        test_app.post("/async", b"queued", status=202)
+        refused = test_app.post("/async", b"refused", status=503)
+        assert refused.json["detail"] == (
+            "The server is busy: its task queue is full; try again later.")
+        [logged] = [r for r in caplog.records if "refused" in r.getMessage()]
+        assert logged.levelno == logging.WARNING
+        assert logged.getMessage() == (
+            "wsgi_async: refused a task for ^/async: all 1 workers are busy and 1 tasks wait")
+    finally:
+        gate.set()
+        middleware.shutdown()

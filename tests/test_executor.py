@@ -228,3 +228,61 @@ def test_release_gives_back_the_place_and_the_bytes() -> None:
     pool.release(70)
     pool.release(30)
     pool.shutdown()
+
+
+def test_release_without_a_size_gives_back_no_bytes() -> None:
+    pool = WorkerPool(max_workers=1, max_queued=1, max_pending_bytes=100)
+    pool.reserve()
+    pool.release()
+    pool.reserve(60)
+    with pytest.raises(QueueFull, match="hold 60 bytes of request bodies"):
+        pool.reserve(41)
+    pool.release(60)
+    pool.shutdown()
+
+
+def test_a_drain_waits_for_all_running_jobs_within_one_bound() -> None:
+    pool = WorkerPool(max_workers=2, max_queued=1)
+    gate = threading.Event()
+    running = [Job(gate), Job(gate)]
+    for job in running:
+        pool.submit(job)
+    deadline = time.monotonic() + 5
+    while any(job.thread is None for job in running):  # both have started
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    try:
+        began = time.monotonic()
+        assert pool.drain(0.1) is False  # both still run
+        assert time.monotonic() - began < 0.9  # the bound is shared, not one per thread
+    finally:
+        gate.set()
+    assert all(job.ran.wait(5) for job in running)
+    assert pool.shutdown(wait=True, timeout=5)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_a_forked_child_starts_with_an_empty_pool() -> None:
+    pool = WorkerPool(max_workers=1, max_queued=1)
+    gate = threading.Event()
+    pool.submit(Job(gate))  # the parent's places are all taken
+    pool.submit(Job(gate))
+    assert pool.free_slots == 0
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: none of the parent's jobs is here
+        code = 1
+        try:
+            code = 0 if (pool.free_slots, pool.pending) == (2, 0) else 2
+        finally:
+            os.write(write, bytes([code]))
+            os._exit(code)
+    try:
+        os.close(write)
+        assert os.read(read, 1) == b"\x00"
+    finally:
+        os.close(read)
+        os.waitpid(pid, 0)
+        gate.set()
+        pool.shutdown()

@@ -224,3 +224,11 @@ def test_bad_idempotency_keys_are_refused(raw: str) -> None:
 
     with pytest.raises(ValueError, match="Idempotency-Key"):
         parse_idempotency_key({"HTTP_IDEMPOTENCY_KEY": raw})
+
+
+@pytest.mark.parametrize(("default", "other"), [("always", "prefer"), ("prefer", "always")])
+def test_a_route_mode_overrides_the_global_one(default: str, other: str) -> None:
+    options = build_options({r"^/a": {"mode": other}, r"^/b": None}, mode=default)
+    first, second = options.routes
+    assert options.mode_of(first) == other
+    assert options.mode_of(second) == default

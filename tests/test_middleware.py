@@ -16,6 +16,8 @@ from webtest import TestApp
 
 from wsgi_async import AsyncMiddleware
 from wsgi_async.registry import MemoryRegistry, TaskRecord
+from wsgi_async.request import BodyError
+from wsgi_async.request import read_body as read_request_body
 from wsgi_helpers import Closing, Environ, Gate, client, echo_app, read_body, sleeping, wait_result
 
 
@@ -332,6 +334,14 @@ def test_truncated_body_is_400(cleanup: list[AsyncMiddleware]) -> None:
     middleware, _ = make(cleanup, echo_app)
     status, _ = raw_call(middleware, {"CONTENT_LENGTH": "10", "wsgi.input": io.BytesIO(b"abc")})
     assert status.startswith("400")
+
+
+def test_a_body_error_says_what_is_wrong_as_its_message() -> None:
+    with pytest.raises(BodyError) as refused:
+        read_request_body({"CONTENT_LENGTH": "10", "wsgi.input": io.BytesIO(b"abc")}, 1024)
+    assert refused.value.code == 400
+    detail = "the request body ended after 3 of 10 bytes"
+    assert (str(refused.value), refused.value.detail) == (detail, detail)
 
 
 # -- bounds --------------------------------------------------------------------------------

@@ -415,3 +415,18 @@ def test_a_refused_request_is_logged_with_its_reason(caplog: pytest.LogCaptureFi
     finally:
         gate.set()
         middleware.shutdown()
+
+
+def test_a_task_s_error_stream_takes_lines(capsys: pytest.CaptureFixture[str]) -> None:
+    def app(environ: Any, start_response: Any) -> Any:
+        environ["wsgi.errors"].writelines(["first line\n", "second line\n"])
+        return echo_app(environ, start_response)
+
+    options = build_options([r"^/a"], executor="inline")
+    service = TaskService(app, MemoryRegistry(), options)
+    try:
+        record, _ = service.submit(options.routes[0], snapshot(POST, b"x"))
+        assert record.status is TaskStatus.DONE
+        assert capsys.readouterr().err == "first line\nsecond line\n"
+    finally:
+        service.shutdown()

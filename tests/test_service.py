@@ -191,25 +191,37 @@ def test_a_keyed_task_stored_after_its_submit_failed_runs_once_for_the_retry() -
         service.shutdown()
 
 
+class RecoverWhenAllowed(LostCreateReplies):
+    """As :class:`LostCreateReplies`, and the supervisor's look for the lost task waits
+    until the test allows it (so that the test fills the pool first)."""
+
+    def __init__(self, lose: int) -> None:
+        super().__init__(lose)
+        self.allowed = threading.Event()
+
+    def recover(self, task_id: str) -> TaskRecord | None:
+        assert self.allowed.wait(10), "recovery never allowed"
+        return super().recover(task_id)
+
+
 def test_a_recovered_task_with_no_free_worker_fails_with_a_stored_503() -> None:
-    registry = LostCreateReplies(lose=0)
+    registry = RecoverWhenAllowed(lose=1)
     gate = threading.Event()
 
     def app(environ: Any, start_response: Any) -> Any:
         gate.wait(10)
         return echo_app(environ, start_response)
 
-    # A supervisor tick a second: the pool fills up before it tries the recovery.
-    options = build_options([r"^/a"], lease_time=3, max_workers=1, max_queued=1)
+    options = build_options([r"^/a"], lease_time=0.6, max_workers=1, max_queued=1)
     service = TaskService(app, registry, options)
     route = options.routes[0]
     try:
-        registry.lose = 1
         with pytest.raises(Refused):
             service.submit(route, snapshot(POST, b"lost"), key="k2")
         [lost] = registry.lost
         service.submit(route, snapshot(POST, b"running"))
         service.submit(route, snapshot(POST, b"queued"))  # the pool is full now
+        registry.allowed.set()
         until(lambda: registry.get(lost).status is TaskStatus.FAILED)  # type: ignore[union-attr]
         failed = registry.get(lost)
         assert failed is not None and failed.response is not None
@@ -217,6 +229,7 @@ def test_a_recovered_task_with_no_free_worker_fails_with_a_stored_503() -> None:
         assert json.loads(failed.response.body)["detail"] == (
             "No worker was free to run the task after the registry came back.")
     finally:
+        registry.allowed.set()
         gate.set()
         service.shutdown()
 

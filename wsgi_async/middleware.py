@@ -158,7 +158,6 @@ class AsyncMiddleware:
         self._status_length = len(self._status_path)
         self._retry_after = [("Retry-After", str(self.options.retry_after))]
         self._owner_func = self.options.owner
-        self._mode = self.options.mode
         self.status = StatusEndpoint(self.registry, self.options)
         self.status.observer = observer
         # Drained on SIGTERM and at exit, so that a stopping server loses no running task.
@@ -215,7 +214,7 @@ class AsyncMiddleware:
         if route is None or "wsgi_async.task" in environ:
             return self.app(environ, start_response)
         # Opt-in routes (RFC 7240): only a request that asks becomes a task.
-        if (route.mode or self._mode) == "prefer" and not parse_prefer(environ).respond_async:
+        if self.options.mode_of(route) == "prefer" and not parse_prefer(environ).respond_async:
             return self.app(environ, start_response)
         return self._submit(environ, start_response, route)
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from wsgi_async.logfields import FIELDS
-from wsgi_helpers import client, echo_app, wait_result
+from wsgi_helpers import Gate, client, echo_app, wait_result
 
 
 class JsonFormatter(logging.Formatter):
@@ -77,3 +77,28 @@ def test_a_failure_and_a_refusal_carry_their_outcome_and_status(
     refused = [line for line in lines if line["outcome"] == "refused"]
     assert refused and refused[0]["status"] == 413 and refused[0]["task_id"] is None
     assert refused[0]["route"] == "^/async"
+
+
+def test_a_busy_refusal_and_a_repeat_by_key_are_logged_with_their_fields(
+    lines: list[dict[str, Any]],
+) -> None:
+    gate = Gate()
+    middleware, app = client(gate, max_workers=1, max_queued=1)
+    try:
+        first = app.post("/async", b"", headers={"Idempotency-Key": "k"}, status=202)
+        again = app.post("/async", b"", headers={"Idempotency-Key": "k"}, status=202)
+        assert again.json["id"] == first.json["id"]
+        app.post("/async/2", b"", status=202)
+        app.post("/async/3", b"", status=503)
+    finally:
+        gate.opened.set()
+        middleware.shutdown(wait=True, timeout=5)
+    task_id = first.json["id"]
+    repeated = [line for line in lines if line["outcome"] == "repeated"]
+    assert repeated == [{"message": f"wsgi_async: task {task_id} repeated by its Idempotency-Key",
+                         "task_id": task_id, "route": "^/async", "outcome": "repeated",
+                         "status": None, "duration": None}]
+    [refused] = [line for line in lines if line["outcome"] == "refused"]
+    assert refused["message"] == (
+        "wsgi_async: refused a task for ^/async: all 1 workers are busy and 1 tasks wait")
+    assert (refused["task_id"], refused["route"], refused["status"]) == (None, "^/async", 503)

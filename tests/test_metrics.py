@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import free_port
 from wsgi_async import AsyncMiddleware
-from wsgi_helpers import Environ, Gate, client, echo_app, sleeping, wait_result
+from wsgi_helpers import Environ, Gate, client, echo_app, raw_call, sleeping, wait_result
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -130,6 +130,30 @@ def test_queue_full_refusals_running_queued_and_long_polls(made: list[AsyncMiddl
     assert value(after, "wsgi_async_tasks_running", route="^/async") == 0
     assert value(after, "wsgi_async_long_polls") == value(before, "wsgi_async_long_polls")
     assert value(after, "wsgi_async_tasks_queued") == value(before, "wsgi_async_tasks_queued")
+
+
+def test_each_refusal_is_counted_under_its_route_and_reason(made: list[AsyncMiddleware]) -> None:
+    middleware, app = client(echo_app, metrics="/metrics", max_body_size=4)
+    made.append(middleware)
+    labels = {"route": "^/async"}
+
+    def refusals() -> dict[str, float]:
+        samples = parse(app.get("/metrics").text)
+        return {reason: value(samples, "wsgi_async_tasks_refused_total", reason=reason, **labels)
+                for reason in ("body_too_large", "length_required", "bad_request",
+                               "bad_idempotency_key", "idempotency_conflict")}
+
+    before = refusals()
+    app.post("/async", b"too large", status=413)
+    status, _, _ = raw_call(middleware, {"HTTP_TRANSFER_ENCODING": "chunked"})
+    assert status.startswith("411")
+    status, _, _ = raw_call(middleware, {"CONTENT_LENGTH": "x"})
+    assert status.startswith("400")
+    app.post("/async", b"a", headers={"Idempotency-Key": "\x01"}, status=400)
+    app.post("/async", b"a", headers={"Idempotency-Key": "k"}, status=202)
+    app.post("/async", b"b", headers={"Idempotency-Key": "k"}, status=422)
+    after = refusals()
+    assert {reason: after[reason] - before[reason] for reason in after} == dict.fromkeys(after, 1)
 
 
 def test_a_cancelled_task_is_counted_once_and_its_late_result_as_cancelled(
@@ -290,6 +314,7 @@ def gunicorn(tmp_path: Path) -> Iterator[Deployment]:
         log.close()
 
 
+@pytest.mark.server
 def test_a_live_gunicorn_with_two_workers_reports_the_sum_of_both(gunicorn: Deployment) -> None:
     port = gunicorn.port
     locations = []

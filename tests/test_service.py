@@ -443,3 +443,24 @@ def test_a_task_s_error_stream_takes_lines(capsys: pytest.CaptureFixture[str]) -
         assert capsys.readouterr().err == "first line\nsecond line\n"
     finally:
         service.shutdown()
+
+
+def test_a_snapshot_keeps_the_requests_strings_and_drops_what_the_server_owns() -> None:
+    environ: dict[str, Any] = {
+        "REQUEST_METHOD": "POST", "SCRIPT_NAME": "/app", "PATH_INFO": "/a",
+        "QUERY_STRING": "q=1", "CONTENT_LENGTH": "99", "HTTP_X_ONE": "1",
+        "HTTP_TRANSFER_ENCODING": "chunked", "wsgi.url_scheme": "https",
+        "mod_wsgi.process_group": "web", "gunicorn.socket": object(),
+        "myapp.tenant": "acme", "REMOTE_PORT": 5000,
+    }
+    kept = snapshot(environ, b"body")
+    assert kept.body == b"body"
+    assert kept.environ == {
+        "REQUEST_METHOD": "POST", "SCRIPT_NAME": "/app", "PATH_INFO": "/a",
+        "QUERY_STRING": "q=1", "CONTENT_LENGTH": "4", "HTTP_X_ONE": "1",
+        "wsgi.url_scheme": "https", "myapp.tenant": "acme",
+    }
+    # What PEP 3333 lets a server leave out is filled in.
+    bare = snapshot({"REQUEST_METHOD": "GET"}, b"")
+    assert bare.environ == {"REQUEST_METHOD": "GET", "SCRIPT_NAME": "", "PATH_INFO": "",
+                            "QUERY_STRING": "", "CONTENT_LENGTH": "0", "wsgi.url_scheme": "http"}

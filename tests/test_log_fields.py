@@ -102,3 +102,19 @@ def test_a_busy_refusal_and_a_repeat_by_key_are_logged_with_their_fields(
     assert refused["message"] == (
         "wsgi_async: refused a task for ^/async: all 1 workers are busy and 1 tasks wait")
     assert (refused["task_id"], refused["route"], refused["status"]) == (None, "^/async", 503)
+
+
+def test_a_cancel_is_logged_once_with_its_task_fields(lines: list[dict[str, Any]]) -> None:
+    gate = Gate()
+    middleware, app = client(gate)
+    try:
+        task = app.post("/async/x", b"", status=202)
+        app.delete(task.headers["Location"], status=204)
+        task_id = task.json["id"]
+        cancelled = [line for line in lines if line["outcome"] == "cancelled"]
+    finally:
+        gate.opened.set()
+        middleware.shutdown(wait=True, timeout=5)
+    assert cancelled == [{"message": f"wsgi_async: task {task_id} cancelled",
+                          "task_id": task_id, "route": "^/async", "outcome": "cancelled",
+                          "status": None, "duration": None}]

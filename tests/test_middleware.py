@@ -1499,3 +1499,44 @@ def test_shutdown_finishes_queued_tasks_by_default_and_stops_at_its_timeout() ->
     finally:
         gate.set()
         middleware.shutdown()
+
+
+def long_polls_held(app: TestApp) -> float:
+    """The ``wsgi_async_long_polls`` gauge, as served on ``/metrics``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(app.get("/metrics").text):
+        if family.name == "wsgi_async_long_polls":
+            return float(family.samples[0].value)
+    raise AssertionError("no wsgi_async_long_polls gauge on /metrics")
+
+
+@pytest.mark.parametrize("held", ["poll", "submit"])
+def test_a_held_request_counts_as_one_long_poll_until_it_is_answered(
+    cleanup: list[AsyncMiddleware], held: str
+) -> None:
+    gate = Gate()
+    _, app = make(cleanup, gate, metrics="/metrics")
+    before = long_polls_held(app)
+    location = app.post("/async", b"").headers["Location"]
+    answers: list[int] = []
+
+    def hold() -> None:
+        wait = {"Prefer": "wait=10"}
+        if held == "poll":
+            answers.append(app.get(location, headers=wait).status_int)
+        else:
+            answers.append(app.post("/async", b"", headers=wait).status_int)
+
+    waiter = threading.Thread(target=hold)
+    waiter.start()
+    try:
+        deadline = time.monotonic() + 5
+        while (during := long_polls_held(app) - before) == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert during == 1
+    finally:
+        gate.opened.set()
+        waiter.join(10)
+    assert answers == [200]
+    assert long_polls_held(app) == before

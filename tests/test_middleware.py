@@ -15,7 +15,7 @@ import pytest
 from webtest import TestApp
 
 from wsgi_async import AsyncMiddleware
-from wsgi_async.registry import MemoryRegistry, TaskRecord
+from wsgi_async.registry import MemoryRegistry, TaskRecord, Tombstone
 from wsgi_async.request import BodyError
 from wsgi_async.request import read_body as read_request_body
 from wsgi_helpers import Closing, Environ, Gate, client, echo_app, read_body, sleeping, wait_result
@@ -1418,6 +1418,30 @@ def test_a_gone_task_says_why_and_which(cleanup: list[AsyncMiddleware]) -> None:
     res = app.get(done, status=410)
     assert res.json == {"error": "Gone", "detail": "The task was deleted.",
                         "id": done.rsplit("/", 1)[1], "status": "deleted"}
+
+
+class ForeignTombstones(MemoryRegistry):
+    """A registry whose tombstones give a reason this version does not know, or none, as
+    one written by another version of a shared registry may."""
+
+    reason = ""
+
+    def gone(self, task_id: str) -> Tombstone | None:
+        return Tombstone(task_id, self.reason)
+
+
+@pytest.mark.parametrize(("reason", "state"), [("", "gone"), ("archived", "archived")])
+def test_a_task_gone_for_an_unknown_reason_says_it_is_no_longer_kept(
+    cleanup: list[AsyncMiddleware], reason: str, state: str
+) -> None:
+    registry = ForeignTombstones()
+    registry.reason = reason
+    _, app = make(cleanup, echo_app, registry=registry)
+    task_id = "A" * 32
+    res = app.get("/_async/tasks/" + task_id, status=410)
+    assert res.json == {"error": "Gone", "detail": "The task is no longer kept.",
+                        "id": task_id, "status": reason}
+    assert res.headers["Async-Task"] == f'{state};id="{task_id}"'
 
 
 class UnavailableRegistry(MemoryRegistry):

@@ -625,3 +625,74 @@ def test_tombstones_are_bounded_by_max_tasks_oldest_dropped_first(
             assert rows == 5
     finally:
         _cleanup(registry)
+
+
+def test_gone_names_an_expired_task_that_nothing_read_or_swept_yet(registry: Registry) -> None:
+    record = registry.create(new_task(result_ttl=0.2, owner="o1"))
+    registry.start(record.id, "w1")
+    registry.finish(record.id, "w1", TaskStatus.DONE, OK)
+    time.sleep(0.4)
+    tomb = registry.gone(record.id)  # the first call after its expiry: no get, no expire
+    assert tomb is not None and (tomb.id, tomb.status, tomb.owner) == (record.id, "expired", "o1")
+
+
+def test_a_tombstone_lasts_its_ttl_from_the_tasks_expiry_not_from_its_sweep(
+    backend: str, tmp_path: Path
+) -> None:
+    registry = make_registry(backend, tmp_path, tombstone_ttl=0.3)
+    try:
+        read, swept = (registry.create(new_task(result_ttl=0.1)) for _ in range(2))
+        for record in (read, swept):
+            registry.start(record.id, "w1")
+            registry.finish(record.id, "w1", TaskStatus.DONE, OK)
+        time.sleep(0.6)  # past the expiry (0.1 s) and the tombstone after it (0.3 s)
+        assert registry.get(read.id) is None
+        assert registry.gone(read.id) is None
+        registry.expire()
+        assert registry.gone(swept.id) is None
+    finally:
+        _cleanup(registry)
+
+
+def test_an_expired_tombstone_is_swept_without_the_younger_ones(
+    backend: str, tmp_path: Path
+) -> None:
+    registry = make_registry(backend, tmp_path, tombstone_ttl=0.5)
+
+    def forget() -> str:
+        record = registry.create(new_task())
+        registry.delete(record.id)
+        return record.id
+
+    try:
+        first = forget()
+        time.sleep(0.3)
+        second = forget()  # outlives the first by 0.3 s
+        deadline = time.monotonic() + 2
+        while registry.gone(first) is not None:
+            assert time.monotonic() < deadline, "the first tombstone outlived its TTL"
+            time.sleep(0.01)
+        third = forget()  # burying it sweeps the expired tombstone, and only that one
+        assert registry.gone(second) is not None and registry.gone(third) is not None
+    finally:
+        _cleanup(registry)
+
+
+def test_an_expired_task_frees_its_place_after_many_deleted_ones(
+    backend: str, tmp_path: Path
+) -> None:
+    registry = make_registry(backend, tmp_path, max_tasks=2)
+    try:
+        kept = registry.create(new_task(result_ttl=0.3))
+        registry.start(kept.id, "w1")
+        registry.finish(kept.id, "w1", TaskStatus.DONE, OK)
+        for _ in range(100):  # finished then deleted: what the registry still indexes is stale
+            record = registry.create(new_task())
+            registry.start(record.id, "w1")
+            registry.finish(record.id, "w1", TaskStatus.DONE, OK)
+            registry.delete(record.id)
+        time.sleep(0.5)
+        registry.create(new_task())
+        registry.create(new_task())  # the expired task's place: no RegistryFull
+    finally:
+        _cleanup(registry)

@@ -853,6 +853,28 @@ def test_deleted_tasks_do_not_grow_the_expiry_heap(cleanup: list[AsyncMiddleware
     assert len(registry._expiry) < 200
 
 
+def test_deleting_finished_tasks_costs_no_more_than_storing_them() -> None:
+    from conftest import new_task
+    from wsgi_async.registry import StoredResponse, TaskStatus
+
+    registry = MemoryRegistry()
+    ok = StoredResponse("200 OK", (), b"")
+    began = time.thread_time()  # this thread's CPU time: the machine's load does not count
+    ids = []
+    for _ in range(3000):
+        task = registry.create(new_task())
+        registry.start(task.id, "w1")
+        registry.finish(task.id, "w1", TaskStatus.DONE, ok)
+        ids.append(task.id)
+    stored = time.thread_time() - began
+    began = time.thread_time()
+    for task_id in ids:
+        registry.delete(task_id)
+    deleted = time.thread_time() - began
+    # Each delete is O(1) (amortised): a few times less than a create, start and finish.
+    assert deleted < 3 * stored + 0.05, f"{deleted:.3f} s to delete, {stored:.3f} s to store"
+
+
 def test_task_record_copy_is_a_full_shallow_copy() -> None:
     import dataclasses
 

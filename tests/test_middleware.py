@@ -1268,7 +1268,8 @@ def test_without_an_owner_a_key_is_scoped_to_the_credentials(
     gate = Gate()
     _, app = make(cleanup, gate)
     callers = [{}, {"Authorization": "Bearer b"}, {"Cookie": "s=1"}, {"Authorization": "None"},
-               {"Authorization": "Bearer b", "Cookie": "s=1"}]
+               {"Authorization": "Bearer b", "Cookie": "s=1"},
+               {"Authorization": "XXXX", "Cookie": "XXXX"}]  # no placeholder stands for none
     try:
         locations = [
             app.post("/async", b"same", headers={"Idempotency-Key": "k", **headers},

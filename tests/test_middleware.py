@@ -1471,26 +1471,32 @@ class UnavailableRegistry(MemoryRegistry):
     """A memory registry whose reads fail, as a registry behind a lost network does."""
 
     down = False
+    ERROR = "the registry is unreachable"
 
     def get(self, task_id: str) -> TaskRecord | None:
         if self.down:
             from wsgi_async.registry import RegistryUnavailable
 
-            raise RegistryUnavailable("the registry is unreachable")
+            raise RegistryUnavailable(self.ERROR)
         return super().get(task_id)
 
 
 @pytest.mark.parametrize("method", ["GET", "HEAD", "DELETE"])
 def test_a_poll_while_the_registry_is_down_is_a_503(
-    cleanup: list[AsyncMiddleware], method: str
+    cleanup: list[AsyncMiddleware], method: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     registry = UnavailableRegistry()
     _, app = make(cleanup, echo_app, registry=registry)
     location = app.post("/async", b"").headers["Location"]
     wait_result(app, location, status=201)
     registry.down = True
-    res = app.request(location, method=method, status=503)
+    with caplog.at_level(logging.WARNING, logger="wsgi_async"):
+        res = app.request(location, method=method, status=503)
     assert res.headers["Retry-After"] == "1" and res.headers["Cache-Control"] == "no-store"
+    task_id = location.rsplit("/", 1)[1]
+    assert res.headers["Async-Task"] == f'unavailable;id="{task_id}"'
+    assert [record.getMessage() for record in caplog.records] == [
+        f"wsgi_async: status of {task_id} unavailable: {UnavailableRegistry.ERROR}"]
     if method != "HEAD":
         assert res.json == {"error": "Service Unavailable",
                             "detail": "The task registry is unavailable."}

@@ -490,6 +490,26 @@ def test_stop_while_every_thread_is_busy_returns_once_they_end(harness: Harness)
     assert record_of(middleware.registry, held).status is TaskStatus.DONE
 
 
+def test_a_worker_stopped_while_every_thread_is_busy_claims_nothing_more(
+    harness: Harness,
+) -> None:
+    # The stop comes while the worker waits for a free thread; the thread frees up
+    # within that wait: the worker must not claim the queued task on its way out.
+    harness.real_claim_wait()
+    middleware, web = harness.web()
+    held = submit(web, "/work?hold", b"held")
+    worker = build_worker(middleware, threads=1)
+    loop = harness.start(worker)
+    harness.app.wait_running(1)
+    queued = submit(web, "/work", b"left for another worker")
+    time.sleep(0.2)  # the loop is in its wait for a free thread by now
+    worker.stop()
+    harness.app.release.set()
+    assert loop.join(5) is True
+    assert record_of(middleware.registry, held).status is TaskStatus.DONE
+    assert record_of(middleware.registry, queued).status is TaskStatus.QUEUED
+
+
 def test_stop_while_idle_returns_within_one_claims_wait(
     harness: Harness, caplog: pytest.LogCaptureFixture
 ) -> None:

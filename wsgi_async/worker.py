@@ -112,12 +112,13 @@ class Worker:
         delay = BACKOFF_MIN
         while not self._stopping.is_set():
             room = self._room()
-            if room < 1:
+            # A stop may have come while waiting for a free thread: claim nothing more.
+            if room < 1 or self._stopping.is_set():
                 continue
             try:
                 claimed = service.registry.claim(
-                    service.worker_id(), self.routes, room,
-                    0.0 if self._stopping.is_set() else CLAIM_WAIT, service.options.lease_time,
+                    service.worker_id(), self.routes, room, CLAIM_WAIT,
+                    service.options.lease_time,
                 )
             except RegistryError as exc:
                 log.warning("wsgi_async: cannot claim tasks, retrying in %.1fs: %s", delay, exc)

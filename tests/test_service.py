@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from wsgi_async import AsyncMiddleware, MemoryRegistry, TaskService
-from wsgi_async.config import build_options
+from wsgi_async.config import Route, build_options
 from wsgi_async.errors import MaybeWritten
 from wsgi_async.model import RequestSnapshot, TaskRecord, TaskStatus, new_task_id
 from wsgi_async.request import snapshot
@@ -204,8 +204,9 @@ class RecoverWhenAllowed(LostCreateReplies):
         return super().recover(task_id)
 
 
-def test_a_recovered_task_with_no_free_worker_fails_with_a_stored_503() -> None:
-    registry = RecoverWhenAllowed(lose=1)
+def one_held_thread(registry: MemoryRegistry) -> tuple[TaskService, Route, threading.Event]:
+    """A service with one thread and one queued place on ``registry``, running ``^/a``
+    with an application that holds each task until the returned event is set."""
     gate = threading.Event()
 
     def app(environ: Any, start_response: Any) -> Any:
@@ -213,8 +214,12 @@ def test_a_recovered_task_with_no_free_worker_fails_with_a_stored_503() -> None:
         return echo_app(environ, start_response)
 
     options = build_options([r"^/a"], lease_time=0.6, max_workers=1, max_queued=1)
-    service = TaskService(app, registry, options)
-    route = options.routes[0]
+    return TaskService(app, registry, options), options.routes[0], gate
+
+
+def test_a_recovered_task_with_no_free_worker_fails_with_a_stored_503() -> None:
+    registry = RecoverWhenAllowed(lose=1)
+    service, route, gate = one_held_thread(registry)
     try:
         with pytest.raises(Refused):
             service.submit(route, snapshot(POST, b"lost"), key="k2")
@@ -264,17 +269,9 @@ def test_a_replayable_task_of_a_lost_process_runs_again_here() -> None:
         service.shutdown()
 
 
-def test_a_replay_with_no_free_worker_fails_with_a_stored_503() -> None:
+def test_a_lost_task_is_taken_over_only_once_the_pool_has_room() -> None:
     registry = MemoryRegistry()
-    gate = threading.Event()
-
-    def app(environ: Any, start_response: Any) -> Any:
-        gate.wait(10)
-        return echo_app(environ, start_response)
-
-    options = build_options([r"^/a"], lease_time=0.6, max_workers=1, max_queued=1)
-    service = TaskService(app, registry, options)
-    route = options.routes[0]
+    service, route, gate = one_held_thread(registry)
     try:
         service.submit(route, snapshot(POST, b"running"))
         service.submit(route, snapshot(POST, b"queued"))

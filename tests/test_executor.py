@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -98,28 +99,39 @@ def test_shutdown_without_wait_cancels_queued_jobs() -> None:
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
-def test_a_pool_inherited_over_fork_is_rebuilt_in_the_child() -> None:
-    pool = WorkerPool(max_workers=1, max_queued=1)
-    gate = threading.Event()
-    pool.submit(Job(gate))  # the parent's only worker is busy and its queue slot free
-    pool.submit(Job(gate))
+def true_in_a_forked_child(check: Callable[[], bool]) -> bool:
+    """Fork, run ``check`` in the child, and say whether it returned true there."""
     read, write = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child: the parent's threads do not exist here
+    if pid == 0:
         code = 1
         try:
-            job = Job()
-            pool.submit(job)
-            code = 0 if job.ran.wait(5) else 2
+            code = 0 if check() else 2
         finally:
             os.write(write, bytes([code]))
             os._exit(code)
     try:
         os.close(write)
-        assert os.read(read, 1) == b"\x00"
+        return os.read(read, 1) == b"\x00"
     finally:
         os.close(read)
         os.waitpid(pid, 0)
+
+
+def test_a_pool_inherited_over_fork_is_rebuilt_in_the_child() -> None:
+    pool = WorkerPool(max_workers=1, max_queued=1)
+    gate = threading.Event()
+    pool.submit(Job(gate))  # the parent's only worker is busy and its queue slot free
+    pool.submit(Job(gate))
+
+    def runs_a_job() -> bool:  # in the child: the parent's threads do not exist here
+        job = Job()
+        pool.submit(job)
+        return job.ran.wait(5)
+
+    try:
+        assert true_in_a_forked_child(runs_a_job)
+    finally:
         gate.set()
         pool.shutdown()
 
@@ -269,20 +281,8 @@ def test_a_forked_child_starts_with_an_empty_pool() -> None:
     pool.submit(Job(gate))  # the parent's places are all taken
     pool.submit(Job(gate))
     assert pool.free_slots == 0
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: none of the parent's jobs is here
-        code = 1
-        try:
-            code = 0 if (pool.free_slots, pool.pending) == (2, 0) else 2
-        finally:
-            os.write(write, bytes([code]))
-            os._exit(code)
-    try:
-        os.close(write)
-        assert os.read(read, 1) == b"\x00"
+    try:  # in the child, none of the parent's jobs is here
+        assert true_in_a_forked_child(lambda: (pool.free_slots, pool.pending) == (2, 0))
     finally:
-        os.close(read)
-        os.waitpid(pid, 0)
         gate.set()
         pool.shutdown()

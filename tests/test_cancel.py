@@ -10,7 +10,15 @@ from typing import Any
 
 import pytest
 
-from wsgi_async import AsyncMiddleware, Registry, TaskCancelled
+from conftest import new_task
+from wsgi_async import (
+    AsyncMiddleware,
+    MemoryRegistry,
+    Registry,
+    StoredResponse,
+    TaskCancelled,
+    TaskHandle,
+)
 from wsgi_helpers import Environ, Gate, client, echo_app, wait_result
 
 
@@ -60,6 +68,19 @@ class Cancellable:
             time.sleep(0.01)
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [b"a late result nobody will see"]
+
+
+def test_check_raises_task_cancelled_naming_the_task() -> None:
+    registry = MemoryRegistry()
+    record = registry.create(new_task())
+    registry.start(record.id, "w1")
+    handle = TaskHandle(record.id, 1, registry=registry, worker="w1")
+    handle.check()
+    assert registry.cancel(record.id, StoredResponse("410 Gone", (), b""))
+    handle.progress(1)  # the write finds the task no longer running
+    with pytest.raises(TaskCancelled) as raised:
+        handle.check()
+    assert str(raised.value) == f"task {record.id} was cancelled"
 
 
 @pytest.mark.parametrize("raise_it", [False, True], ids=["cancelled", "check"])

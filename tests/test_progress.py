@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -13,7 +14,8 @@ from typing import Any
 import pytest
 
 from conftest import new_task
-from wsgi_async import AsyncMiddleware, MemoryRegistry, Registry, TaskHandle
+from wsgi_async import AsyncMiddleware, MemoryRegistry, Registry, RegistryError, TaskHandle
+from wsgi_async.handle import CHECK_INTERVAL, MAX_MESSAGE
 from wsgi_helpers import Environ, client, wait_result
 
 
@@ -50,6 +52,8 @@ def running_handle(registry: Registry) -> TaskHandle:
         ((0, -5), "total must be a finite number > 0"),
         ((11, 10), "current \\(11\\) exceeds total \\(10\\)"),
         ((1, 10, b"bytes"), "message must be a str"),
+        ((1, math.inf), "^progress: total must be a finite number > 0, got inf$"),
+        ((1, 10, 5), "^progress: message must be a str, got int$"),
     ],
 )
 def test_bad_values_raise_a_clear_value_error(args: tuple[Any, ...], match: str) -> None:
@@ -68,6 +72,23 @@ def test_any_real_number_is_accepted_and_a_long_message_is_cut() -> None:
     assert message is not None and len(message) == 200 and message.endswith("...")
     assert handle.cancelled is False
     handle.check()  # no registry: never cancelled
+
+
+def test_a_total_below_1_is_accepted() -> None:
+    registry = CountingRegistry()
+    handle = running_handle(registry)
+    handle.progress(0.25, 0.5)
+    assert handle.latest == (0.25, 0.5, None)
+    assert registry.writes == [{"current": 0.25, "total": 0.5, "percent": 50.0, "message": None}]
+
+
+def test_a_message_of_max_message_characters_is_kept_and_one_more_is_cut() -> None:
+    handle = TaskHandle("t" * 22)
+    whole = "".join(chr(ord("a") + index % 26) for index in range(MAX_MESSAGE))
+    handle.progress(1, 2, whole)
+    assert handle.latest == (1, 2, whole)
+    handle.progress(1, 2, whole + "z")
+    assert handle.latest == (1, 2, whole[: MAX_MESSAGE - 3] + "...")
 
 
 def test_writes_are_rate_limited_and_the_latest_lands_last() -> None:
@@ -121,6 +142,71 @@ def test_progress_from_many_threads_ends_with_one_of_the_last_values() -> None:
     got = registry.get(handle.id)
     assert got is not None and got.progress is not None
     assert got.progress["current"] == 19_999 and got.progress["message"] in {"0", "1", "2", "3"}
+
+
+class RefusingRegistry(MemoryRegistry):
+    """A real memory registry whose next ``refusals`` progress writes raise RegistryError."""
+
+    def __init__(self, refusals: int) -> None:
+        super().__init__()
+        self.refusals = refusals
+
+    def progress(self, task_id: str, worker: str, document: dict[str, object]) -> bool:
+        if self.refusals > 0:
+            self.refusals -= 1
+            raise RegistryError("progress table is read-only")
+        return super().progress(task_id, worker, document)
+
+
+def test_a_refused_progress_write_is_logged_and_the_task_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    registry = RefusingRegistry(refusals=1)
+    handle = running_handle(registry)
+    with caplog.at_level(logging.WARNING, logger="wsgi_async"):
+        handle.progress(1, 3, "first")
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.WARNING,
+         f"wsgi_async: task {handle.id}: progress not stored: progress table is read-only"),
+    ]
+    assert handle.cancelled is False
+    handle.check()
+    handle.progress(2, 3, "second")  # within the rate limit: kept for the flush
+    handle.flush()
+    got = registry.get(handle.id)
+    assert got is not None and got.progress == {"current": 2, "total": 3, "percent": 66.66,
+                                                "message": "second"}
+    assert len(caplog.records) == 1
+
+
+class CheckCountingRegistry(MemoryRegistry):
+    """A real memory registry that counts the cancellation checks it answers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.checks = 0
+
+    def is_running(self, task_id: str, worker: str) -> bool:
+        self.checks += 1
+        return super().is_running(task_id, worker)
+
+
+def test_a_progress_write_counts_as_a_cancellation_check() -> None:
+    registry = CheckCountingRegistry()
+    handle = running_handle(registry)
+    due = time.monotonic() + CHECK_INTERVAL  # the handle's first check is due by then
+    while time.monotonic() < due:
+        time.sleep(0.01)
+    wrote = time.monotonic()
+    handle.progress(1, 2)  # written at once: it said the task still runs
+    assert handle.cancelled is False
+    assert registry.checks == 0
+    deadline = wrote + 5
+    while registry.checks == 0 and time.monotonic() < deadline:
+        assert handle.cancelled is False
+        time.sleep(0.01)
+    assert registry.checks == 1
+    assert time.monotonic() - wrote >= CHECK_INTERVAL
 
 
 # -- over HTTP, on every registry ---------------------------------------------------------

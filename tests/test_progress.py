@@ -15,7 +15,7 @@ import pytest
 
 from conftest import new_task
 from wsgi_async import AsyncMiddleware, MemoryRegistry, Registry, RegistryError, TaskHandle
-from wsgi_async.handle import CHECK_INTERVAL, MAX_MESSAGE
+from wsgi_async.handle import CHECK_INTERVAL, MAX_MESSAGE, PROGRESS_INTERVAL
 from wsgi_helpers import Environ, client, wait_result
 
 
@@ -207,6 +207,54 @@ def test_a_progress_write_counts_as_a_cancellation_check() -> None:
         time.sleep(0.01)
     assert registry.checks == 1
     assert time.monotonic() - wrote >= CHECK_INTERVAL
+
+
+class StallingRegistry(MemoryRegistry):
+    """A real memory registry whose first progress write waits until the test releases it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stalled = threading.Event()
+        self.release = threading.Event()
+        self.writes = 0
+
+    def progress(self, task_id: str, worker: str, document: dict[str, object]) -> bool:
+        self.writes += 1
+        if self.writes == 1:
+            self.stalled.set()
+            self.release.wait(10)
+        return super().progress(task_id, worker, document)
+
+
+def test_a_report_never_waits_for_another_threads_slow_write() -> None:
+    registry = StallingRegistry()
+    handle = running_handle(registry)
+    first = threading.Thread(target=handle.progress, args=(1, 3))
+    first.start()
+    reported = threading.Event()
+
+    def report() -> None:
+        handle.progress(2, 3)
+        reported.set()
+
+    second = threading.Thread(target=report)
+    try:
+        assert registry.stalled.wait(5)
+        due = time.monotonic() + PROGRESS_INTERVAL  # the next write is due by then
+        while time.monotonic() < due:
+            time.sleep(0.01)
+        second.start()
+        assert reported.wait(5)  # it left its value to a later write
+        assert registry.writes == 1
+    finally:
+        registry.release.set()
+        first.join(5)
+        if second.ident is not None:
+            second.join(5)
+    handle.flush()
+    got = registry.get(handle.id)
+    assert got is not None and got.progress is not None and got.progress["current"] == 2
+    assert registry.writes == 2
 
 
 # -- over HTTP, on every registry ---------------------------------------------------------

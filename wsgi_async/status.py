@@ -89,7 +89,7 @@ class StatusEndpoint:
             if record is None:
                 return self._gone(environ, start_response, task_id, owner)
             if method == "DELETE":
-                return self._delete(environ, start_response, record)
+                return self._delete(start_response, record)
         except RegistryError as exc:
             log.warning("wsgi_async: status of %s unavailable: %s", task_id, exc)
             return send_error(environ, start_response, 503, "The task registry is unavailable.",
@@ -135,9 +135,7 @@ class StatusEndpoint:
             self.observer.long_polls(-1)
             self._waiters.release()
 
-    def _delete(
-        self, environ: WSGIEnvironment, start_response: StartResponse, record: TaskRecord
-    ) -> list[bytes]:
+    def _delete(self, start_response: StartResponse, record: TaskRecord) -> list[bytes]:
         """Cancel a pending task; forget a finished one (both leave a tombstone)."""
         # A cancel that loses the race with the task's end finds it final: the
         # result stands, and is forgotten like any other.

@@ -14,7 +14,14 @@ import pytest
 from wsgi_async import AsyncMiddleware, MemoryRegistry, TaskService
 from wsgi_async.config import Route, build_options
 from wsgi_async.errors import MaybeWritten
-from wsgi_async.model import RequestSnapshot, TaskRecord, TaskStatus, new_task_id
+from wsgi_async.model import (
+    RequestSnapshot,
+    TaskRecord,
+    TaskStatus,
+    error_response,
+    new_task_id,
+)
+from wsgi_async.observer import Observer
 from wsgi_async.request import snapshot
 from wsgi_async.service import Refused
 from wsgi_helpers import client, echo_app
@@ -158,13 +165,21 @@ def test_a_keyless_task_stored_after_its_submit_failed_is_removed(
         assert registry.get(lost) is not None  # stored, though its client got a 503
         # Nobody can know its id: the supervisor removes it, and it never runs.
         until(lambda: registry.get(lost) is None)
+        removed = f"wsgi_async: task {lost} was stored after its submit failed; removed"
+        until(lambda: submit_failed(caplog) == [removed])
         assert ran == []
-        assert f"task {lost} was stored after its submit failed; removed" in caplog.text
     finally:
         service.shutdown()
 
 
-def test_a_keyed_task_stored_after_its_submit_failed_runs_once_for_the_retry() -> None:
+def submit_failed(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The warnings about tasks stored after their submit failed."""
+    return [r.getMessage() for r in caplog.records if "after its submit failed" in r.getMessage()]
+
+
+def test_a_keyed_task_stored_after_its_submit_failed_runs_once_for_the_retry(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     registry = LostCreateReplies(lose=1)
     ran: list[bytes] = []
 
@@ -187,6 +202,8 @@ def test_a_keyed_task_stored_after_its_submit_failed_runs_once_for_the_retry() -
         assert done.response is not None and done.response.body == b"echo:keyed"
         time.sleep(0.5)  # a few more supervisor ticks: it is not run a second time
         assert ran == [b"ran"]
+        assert submit_failed(caplog) == [
+            f"wsgi_async: task {lost} was stored after its submit failed; running it"]
     finally:
         service.shutdown()
 
@@ -204,17 +221,43 @@ class RecoverWhenAllowed(LostCreateReplies):
         return super().recover(task_id)
 
 
-def one_held_thread(registry: MemoryRegistry) -> tuple[TaskService, Route, threading.Event]:
+class Deltas(Observer):
+    """Hears how the number of tasks waiting in the pool changes."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.queued_deltas: list[int] = []
+
+    def queued(self, delta: int) -> None:
+        with self.lock:
+            self.queued_deltas.append(delta)
+
+    def heard(self) -> int:
+        with self.lock:
+            return len(self.queued_deltas)
+
+
+def one_held_thread(
+    registry: MemoryRegistry, *, replay: bool = False, observer: Observer | None = None,
+) -> tuple[TaskService, Route, threading.Event]:
     """A service with one thread and one queued place on ``registry``, running ``^/a``
-    with an application that holds each task until the returned event is set."""
+    (replayable with ``replay``) with an application that holds each task until the
+    returned event is set."""
     gate = threading.Event()
 
     def app(environ: Any, start_response: Any) -> Any:
         gate.wait(10)
         return echo_app(environ, start_response)
 
-    options = build_options([r"^/a"], lease_time=0.6, max_workers=1, max_queued=1)
-    return TaskService(app, registry, options), options.routes[0], gate
+    options = build_options({r"^/a": {"replay": replay}}, lease_time=0.6, max_workers=1,
+                            max_queued=1)
+    return TaskService(app, registry, options, observer), options.routes[0], gate
+
+
+def submit_running(service: TaskService, route: Route, observer: Deltas) -> None:
+    """Submit a task that takes the one thread, and wait until it has taken it."""
+    service.submit(route, snapshot(POST, b"running"))
+    until(lambda: observer.heard() == 2)  # queued, then taken by the thread
 
 
 def test_a_recovered_task_with_no_free_worker_fails_with_a_stored_503() -> None:
@@ -231,8 +274,64 @@ def test_a_recovered_task_with_no_free_worker_fails_with_a_stored_503() -> None:
         failed = registry.get(lost)
         assert failed is not None and failed.response is not None
         assert failed.response.status_code == 503
-        assert json.loads(failed.response.body)["detail"] == (
-            "No worker was free to run the task after the registry came back.")
+        assert json.loads(failed.response.body) == {
+            "error": "Service Unavailable",
+            "detail": "No worker was free to run the task after the registry came back.",
+            "id": lost}
+    finally:
+        registry.allowed.set()
+        gate.set()
+        service.shutdown()
+
+
+def test_a_task_stored_after_its_submit_failed_and_ended_since_is_left_alone(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    registry = RecoverWhenAllowed(lose=1)
+    ran: list[bytes] = []
+
+    def app(environ: Any, start_response: Any) -> Any:
+        ran.append(b"ran")
+        return echo_app(environ, start_response)
+
+    caplog.set_level(logging.INFO, logger="wsgi_async")
+    options = build_options([r"^/a"], lease_time=0.6)
+    service = TaskService(app, registry, options)
+    try:
+        with pytest.raises(Refused):
+            service.submit(options.routes[0], snapshot(POST, b"lost"))
+        [lost] = registry.lost
+        # It ends before the supervisor looks for it (cancelled, say): no longer queued.
+        assert registry.cancel(lost, error_response(409, "cancelled", id=lost))
+        registry.allowed.set()
+        until(lambda: f"task {lost} settled after the registry came back" in caplog.text)
+        left = registry.get(lost)
+        assert left is not None and left.status is TaskStatus.CANCELLED  # not removed
+        assert submit_failed(caplog) == [] and ran == []
+    finally:
+        registry.allowed.set()
+        service.shutdown()
+
+
+def test_a_recovered_replayable_task_queued_at_a_drain_is_left_for_another_process(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    registry = RecoverWhenAllowed(lose=1)
+    observer = Deltas()
+    service, route, gate = one_held_thread(registry, replay=True, observer=observer)
+    try:
+        with pytest.raises(Refused):
+            service.submit(route, snapshot(POST, b"lost"), key="k3")
+        [lost] = registry.lost
+        submit_running(service, route, observer)
+        registry.allowed.set()
+        until(lambda: observer.heard() == 3)  # recovered: queued behind the running task
+        assert observer.queued_deltas[2] == 1
+        assert submit_failed(caplog) == [
+            f"wsgi_async: task {lost} was stored after its submit failed; running it"]
+        assert service.drain(timeout=0.1) is False
+        left = registry.get(lost)
+        assert left is not None and left.status is TaskStatus.QUEUED  # not failed
     finally:
         registry.allowed.set()
         gate.set()
@@ -251,9 +350,12 @@ def lost_task(registry: MemoryRegistry, body: bytes) -> str:
 def test_a_replayable_task_of_a_lost_process_runs_again_here() -> None:
     registry = MemoryRegistry()
     attempts: list[int] = []
+    multiprocess: list[object] = []
 
     def app(environ: Any, start_response: Any) -> Any:
         attempts.append(environ["wsgi_async.task"].attempt)
+        # Only another process can have lost it: the server runs several.
+        multiprocess.append(environ["wsgi.multiprocess"])
         return echo_app(environ, start_response)
 
     options = build_options([r"^/a"], lease_time=0.6)
@@ -265,6 +367,7 @@ def test_a_replayable_task_of_a_lost_process_runs_again_here() -> None:
         assert done is not None and done.status is TaskStatus.DONE
         assert done.response is not None and done.response.body == b"echo:again"
         assert attempts == [2] and done.worker == service.worker_id()
+        assert multiprocess == [True]
     finally:
         service.shutdown()
 
@@ -283,6 +386,89 @@ def test_a_lost_task_is_taken_over_only_once_the_pool_has_room() -> None:
         gate.set()  # places free up: the lost task is taken over and run here
         done = registry.wait(task_id, 10)
         assert done is not None and done.status is TaskStatus.DONE
+    finally:
+        gate.set()
+        service.shutdown()
+
+
+def test_a_taken_over_task_queued_at_a_drain_is_left_for_another_process() -> None:
+    registry = MemoryRegistry()
+    observer = Deltas()
+    service, route, gate = one_held_thread(registry, observer=observer)
+    try:
+        submit_running(service, route, observer)
+        task_id = lost_task(registry, b"lost")
+        until(lambda: observer.heard() == 3)  # taken over: queued behind the running task
+        assert observer.queued_deltas[2] == 1
+        assert service.drain(timeout=0.1) is False
+        left = registry.get(task_id)
+        assert left is not None and left.status is TaskStatus.QUEUED  # not failed
+        assert left.worker == service.worker_id()
+    finally:
+        gate.set()
+        service.shutdown()
+
+
+class RequestsNotStored(MemoryRegistry):
+    """A real memory registry whose stored requests cannot be read back."""
+
+    def request(self, task_id: str) -> RequestSnapshot | None:
+        return None
+
+
+def test_a_taken_over_task_whose_request_was_not_stored_fails_with_a_stored_500() -> None:
+    registry = RequestsNotStored()
+    service = TaskService(echo_app, registry, build_options([r"^/a"], lease_time=0.6))
+    try:
+        service.ensure_started()
+        task_id = lost_task(registry, b"lost")
+        failed = registry.wait(task_id, 10)
+        assert failed is not None and failed.status is TaskStatus.FAILED
+        assert failed.response is not None and failed.response.status_code == 500
+        assert json.loads(failed.response.body) == {
+            "error": "Internal Server Error",
+            "detail": "The task's request was not stored; it cannot be replayed.",
+            "id": task_id}
+    finally:
+        service.shutdown()
+
+
+class FillAfterReap(MemoryRegistry):
+    """A real memory registry that runs ``after_reap`` once, when a reap hands a task
+    over: the pool fills between the reap and the replay's submit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.after_reap: Callable[[], object] | None = None
+
+    def reap(self, worker: str, limit: int = 100) -> list[TaskRecord]:
+        records = super().reap(worker, limit)
+        hook = self.after_reap
+        if records and hook is not None:
+            self.after_reap = None
+            hook()
+        return records
+
+
+def test_a_taken_over_task_with_no_free_worker_fails_with_a_stored_503() -> None:
+    registry = FillAfterReap()
+    service, route, gate = one_held_thread(registry)
+
+    def fill() -> None:
+        service.submit(route, snapshot(POST, b"running"))
+        service.submit(route, snapshot(POST, b"queued"))
+
+    registry.after_reap = fill
+    try:
+        service.ensure_started()
+        task_id = lost_task(registry, b"lost")
+        failed = registry.wait(task_id, 10)
+        assert failed is not None and failed.status is TaskStatus.FAILED
+        assert failed.response is not None and failed.response.status_code == 503
+        assert json.loads(failed.response.body) == {
+            "error": "Service Unavailable",
+            "detail": "No worker was free to replay the task after its worker was lost.",
+            "id": task_id}
     finally:
         gate.set()
         service.shutdown()

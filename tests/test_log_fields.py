@@ -77,6 +77,8 @@ def test_a_failure_and_a_refusal_carry_their_outcome_and_status(
     refused = [line for line in lines if line["outcome"] == "refused"]
     assert refused and refused[0]["status"] == 413 and refused[0]["task_id"] is None
     assert refused[0]["route"] == "^/async"
+    assert refused[0]["message"] == ("wsgi_async: refused POST /async: the request body "
+                                     "(9 bytes) exceeds max_body_size (4)")
 
 
 def test_a_busy_refusal_and_a_repeat_by_key_are_logged_with_their_fields(

@@ -1593,3 +1593,10 @@ def test_a_held_request_counts_as_one_long_poll_until_it_is_answered(
         waiter.join(10)
     assert answers == [200]
     assert long_polls_held(app) == before
+
+
+def test_a_body_of_several_read_chunks_arrives_whole(cleanup: list[AsyncMiddleware]) -> None:
+    body = bytes(range(256)) * 1000  # 256,000 bytes: four reads of 64 KiB
+    _, test_app = make(cleanup, echo_app, max_body_size=len(body))
+    location = test_app.post("/async", body, status=202).headers["Location"]
+    assert wait_result(test_app, location, status=201).body == b"echo:" + body

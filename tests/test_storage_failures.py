@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import signal
 import sqlite3
@@ -13,8 +15,14 @@ from typing import Any
 import pytest
 
 from conftest import RedisServer
-from wsgi_async import runner
-from wsgi_helpers import Environ, client, read_body, wait_result
+from wsgi_async import MemoryRegistry, TaskService, runner
+from wsgi_async.config import build_options
+from wsgi_async.errors import RegistryUnavailable
+from wsgi_async.executor import WorkerPool
+from wsgi_async.model import RequestSnapshot, TaskRecord, TaskStatus
+from wsgi_async.request import snapshot
+from wsgi_async.service import BUSY, Refused
+from wsgi_helpers import Environ, client, echo_app, read_body, wait_result
 
 
 def slow_echo(environ: Environ, start_response: Any) -> Iterable[bytes]:
@@ -173,3 +181,63 @@ def test_a_create_redis_runs_after_a_keyless_submit_failed_is_removed(
         keys.close()
         middleware.shutdown(wait=True, timeout=10)
         middleware.registry.close()
+
+
+# -- in one process, on the memory registry ------------------------------------------------
+
+
+class NoHeartbeat(MemoryRegistry):
+    """A memory registry that refuses lease renewals, as one that went away does."""
+
+    def heartbeat(self, worker: str, lease: float) -> None:
+        raise RegistryUnavailable("no route to the registry")
+
+
+def test_a_supervisor_that_cannot_start_says_why(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    registry = NoHeartbeat()
+    options = build_options([r"^/a"])
+    service = TaskService(echo_app, registry, options)
+    try:
+        with caplog.at_level(logging.WARNING, logger="wsgi_async"):
+            service.ensure_started()
+        assert [record.getMessage() for record in caplog.records] == [
+            "wsgi_async: registry unavailable, supervisor not started: no route to the registry"]
+    finally:
+        service.shutdown()
+
+
+class ShutDownWhileStoring(MemoryRegistry):
+    """A memory registry during whose creates the pool shuts down (the process stopping
+    while a task is being stored); it keeps the ids it stored."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool: WorkerPool | None = None
+        self.stored: list[str] = []
+
+    def create(self, record: TaskRecord, request: RequestSnapshot | None = None,
+               key: str | None = None) -> TaskRecord:
+        assert self.pool is not None
+        self.pool.shutdown(wait=False)
+        self.stored.append(record.id)
+        return super().create(record, request, key)
+
+
+def test_a_task_stored_as_the_pool_shuts_down_is_failed_and_its_submit_refused() -> None:
+    registry = ShutDownWhileStoring()
+    options = build_options([r"^/a"])
+    service = TaskService(echo_app, registry, options)
+    registry.pool = service.pool
+    try:
+        with pytest.raises(Refused) as refused:
+            service.submit(options.routes[0], snapshot({"REQUEST_METHOD": "POST"}, b"x"))
+        assert refused.value.detail == BUSY
+        [task_id] = registry.stored
+        failed = registry.get(task_id)
+        assert failed is not None and failed.status is TaskStatus.FAILED
+        assert failed.response is not None and failed.response.status_code == 503
+        assert json.loads(failed.response.body)["detail"] == BUSY
+    finally:
+        service.shutdown()

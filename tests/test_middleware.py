@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import sys
 import threading
 import time
@@ -18,7 +19,17 @@ from wsgi_async import AsyncMiddleware
 from wsgi_async.registry import MemoryRegistry, TaskRecord, Tombstone
 from wsgi_async.request import BodyError
 from wsgi_async.request import read_body as read_request_body
-from wsgi_helpers import Closing, Environ, Gate, client, echo_app, read_body, sleeping, wait_result
+from wsgi_helpers import (
+    Closing,
+    Environ,
+    Gate,
+    client,
+    echo_app,
+    raw_call,
+    read_body,
+    sleeping,
+    wait_result,
+)
 
 
 @pytest.fixture
@@ -261,21 +272,6 @@ class CountingInput(io.RawIOBase):
         return chunk
 
 
-def raw_call(middleware: AsyncMiddleware, environ: Environ) -> tuple[str, bytes]:
-    status: list[str] = []
-    base = {
-        "REQUEST_METHOD": "POST",
-        "PATH_INFO": "/async",
-        "SERVER_NAME": "x",
-        "SERVER_PORT": "80",
-        "wsgi.url_scheme": "http",
-        "wsgi.errors": io.StringIO(),
-    }
-    base.update(environ)
-    result = middleware(base, lambda s, h, e=None: status.append(s))  # type: ignore[arg-type,misc]
-    return status[0], b"".join(result)
-
-
 @pytest.mark.parametrize("size", [0, 1, 1024])
 def test_bodies_up_to_the_limit_are_accepted(cleanup: list[AsyncMiddleware], size: int) -> None:
     _, app = make(cleanup, echo_app, max_body_size=1024)
@@ -291,10 +287,10 @@ def test_one_byte_over_is_413_and_the_app_is_never_called(cleanup: list[AsyncMid
     assert "max_body_size" in res.json["detail"]
     assert res.headers["Cache-Control"] == "no-store"
     stream = CountingInput(b"x" * 5000)
-    status, _ = raw_call(middleware, {"CONTENT_LENGTH": "5000", "wsgi.input": stream})
+    status, _, _ = raw_call(middleware, {"CONTENT_LENGTH": "5000", "wsgi.input": stream})
     assert status.startswith("413") and stream.consumed == 0
     stream = CountingInput(b"x" * 5000)
-    status, _ = raw_call(
+    status, _, _ = raw_call(
         middleware,
         {"wsgi.input": stream, "wsgi.input_terminated": True, "HTTP_TRANSFER_ENCODING": "chunked"},
     )
@@ -304,7 +300,7 @@ def test_one_byte_over_is_413_and_the_app_is_never_called(cleanup: list[AsyncMid
 
 def test_chunked_bodies(cleanup: list[AsyncMiddleware]) -> None:
     middleware, app = make(cleanup, echo_app, max_body_size=1024)
-    status, body = raw_call(
+    status, _, body = raw_call(
         middleware,
         {
             "wsgi.input": io.BytesIO(b"chunked!"),
@@ -315,7 +311,7 @@ def test_chunked_bodies(cleanup: list[AsyncMiddleware]) -> None:
     assert status.startswith("202")
     location = json.loads(body)["location"]
     assert wait_result(app, location, status=201).body == b"echo:chunked!"
-    status, body = raw_call(
+    status, _, body = raw_call(
         middleware, {"wsgi.input": io.BytesIO(b"?"), "HTTP_TRANSFER_ENCODING": "chunked"}
     )
     assert status.startswith("411"), status
@@ -325,14 +321,14 @@ def test_chunked_bodies(cleanup: list[AsyncMiddleware]) -> None:
 @pytest.mark.parametrize("length", ["abc", "-1", "1e3"])
 def test_invalid_content_length_is_400(cleanup: list[AsyncMiddleware], length: str) -> None:
     middleware, _ = make(cleanup, echo_app)
-    status, body = raw_call(middleware, {"CONTENT_LENGTH": length, "wsgi.input": io.BytesIO()})
+    status, _, body = raw_call(middleware, {"CONTENT_LENGTH": length, "wsgi.input": io.BytesIO()})
     assert status.startswith("400")
     assert json.loads(body)["error"] == "Bad Request"
 
 
 def test_truncated_body_is_400(cleanup: list[AsyncMiddleware]) -> None:
     middleware, _ = make(cleanup, echo_app)
-    status, _ = raw_call(middleware, {"CONTENT_LENGTH": "10", "wsgi.input": io.BytesIO(b"abc")})
+    status, _, _ = raw_call(middleware, {"CONTENT_LENGTH": "10", "wsgi.input": io.BytesIO(b"abc")})
     assert status.startswith("400")
 
 
@@ -1600,3 +1596,13 @@ def test_a_body_of_several_read_chunks_arrives_whole(cleanup: list[AsyncMiddlewa
     _, test_app = make(cleanup, echo_app, max_body_size=len(body))
     location = test_app.post("/async", body, status=202).headers["Location"]
     assert wait_result(test_app, location, status=201).body == b"echo:" + body
+
+
+def test_a_server_that_leaves_out_an_empty_script_name_gets_a_location(
+    cleanup: list[AsyncMiddleware],
+) -> None:
+    # PEP 3333 (after CGI) lets a server omit SCRIPT_NAME when it is empty.
+    middleware, _ = make(cleanup, echo_app, absolute_location=False)
+    status, headers, _ = raw_call(middleware, {}, without=("SCRIPT_NAME",))
+    assert status == "202 Accepted"
+    assert re.fullmatch(r"/_async/tasks/[\w-]{32}", dict(headers)["Location"])

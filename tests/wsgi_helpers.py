@@ -102,9 +102,12 @@ def wait_result(test_app: TestApp, location: str, status: int | str = "*", **kw:
     return test_app.get(location, headers={"Prefer": "wait=10"}, status=status, **kw)
 
 
-def raw_call(app: Any, environ: Environ) -> tuple[str, list[tuple[str, str]], bytes]:
-    """Call ``app`` with a minimal environ completed by ``environ`` (for values webtest would
-    correct); its status, headers and whole body, its iterable closed."""
+def raw_call(
+    app: Any, environ: Environ, without: tuple[str, ...] = ()
+) -> tuple[str, list[tuple[str, str]], bytes]:
+    """Call ``app`` with a minimal environ completed by ``environ`` and less the keys
+    ``without`` (for what webtest would correct); its status, headers and whole body, its
+    iterable closed."""
     answer: list[Any] = []
     base: Environ = {
         "REQUEST_METHOD": "POST", "PATH_INFO": "/async", "SCRIPT_NAME": "", "QUERY_STRING": "",
@@ -114,6 +117,8 @@ def raw_call(app: Any, environ: Environ) -> tuple[str, list[tuple[str, str]], by
         "wsgi.run_once": False,
     }
     base.update(environ)
+    for key in without:
+        del base[key]
 
     def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
         answer[:] = [status, headers]

@@ -232,6 +232,8 @@ def test_a_middlewares_worker_takes_its_worker_routes_and_the_defaults(
     assert (worker.threads, worker.grace) == (8, 30.0)
     narrowed = build_worker(middleware, routes=[OTHER], threads=1, grace=0)
     assert (narrowed.routes, narrowed.threads, narrowed.grace) == ((OTHER,), 1, 0)
+    by_hand = Worker(TaskService(plain_app, harness.open(), build_options([WORK])), [WORK])
+    assert by_hand.grace == 30.0
 
 
 def plain_app(environ: Environ, start_response: Callable[..., Any]) -> Iterable[bytes]:
@@ -409,6 +411,25 @@ def test_a_worker_claims_at_most_its_free_threads_and_waits_without_spinning(
     assert harness.app.peak == 2
 
 
+def test_a_thread_freed_by_an_ended_task_is_counted_once(harness: Harness) -> None:
+    middleware, web = harness.web()
+    harness.start(build_worker(middleware, threads=1))
+    ended = submit(web, "/work", b"ended")
+    assert status_of(web, ended, wait=10).status_int == 201
+    held = submit(web, "/work?hold", b"held")
+    harness.app.wait_running(1)
+    waiting = submit(web, "/work", b"waiting")
+    # The one thread is busy again: for three claims' waits the next task is not taken.
+    watch_until = time.monotonic() + 3 * SHORT_CLAIM_WAIT
+    while time.monotonic() < watch_until:
+        record = record_of(middleware.registry, waiting)
+        assert (record.status, record.worker) == (TaskStatus.QUEUED, None), record
+        time.sleep(0.05)
+    harness.app.release.set()
+    assert status_of(web, waiting, wait=10).status_int == 201
+    assert harness.app.runs == dict.fromkeys((ended, held, waiting), 1)
+
+
 def test_a_thread_freed_by_a_task_claims_the_next_at_once(harness: Harness) -> None:
     harness.real_claim_wait()
     middleware, web = harness.web()
@@ -452,6 +473,7 @@ def test_stop_lets_the_running_task_finish_and_leaves_the_queued_one_for_another
     worker = build_worker(middleware, threads=1)
     loop = harness.start(worker)
     harness.app.wait_running(1)
+    stopped = time.monotonic()
     worker.stop()
     name = worker.service.worker_id()
     wait_for(logged(caplog, f"worker {name} stops claiming"), "the loop stops claiming")
@@ -461,10 +483,15 @@ def test_stop_lets_the_running_task_finish_and_leaves_the_queued_one_for_another
     assert loop.thread.is_alive()  # waits for the running task
     harness.app.release.set()
     assert loop.join(10) is True
+    since_stop = time.monotonic() - stopped
     # Stored before run() returned.
     assert record_of(middleware.registry, running).response.body == b"done:running"
-    assert any(m.startswith(f"wsgi_async: worker {name} finished its tasks in ")
-               for m in messages(caplog))
+    [finished] = [m for m in messages(caplog)
+                  if m.startswith(f"wsgi_async: worker {name} finished its tasks in ")]
+    took = re.fullmatch(r".* finished its tasks in (\d+\.\d)s", finished)
+    assert took is not None, finished
+    # At most the time from stop() to run()'s return (give or take the rounding).
+    assert 0 <= float(took[1]) <= since_stop + 0.05
     assert not messages(caplog, logging.WARNING)
     left = record_of(middleware.registry, queued)
     assert (left.status, left.worker) == (TaskStatus.QUEUED, None)
@@ -472,6 +499,34 @@ def test_stop_lets_the_running_task_finish_and_leaves_the_queued_one_for_another
     harness.start(build_worker(middleware, threads=1))
     assert status_of(web, queued, wait=10).body == b"done:queued"
     assert harness.app.runs == {running: 1, queued: 1}
+
+
+class RecordsRetire(SQLiteRegistry):
+    """A real SQLite registry that notes each lease it retires."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.retired: list[str] = []
+
+    def retire(self, worker: str) -> None:
+        self.retired.append(worker)
+        super().retire(worker)
+
+
+def test_a_worker_whose_tasks_all_finished_retires_its_lease_as_it_stops(
+    harness: Harness,
+) -> None:
+    _, web = harness.web()
+    registry = RecordsRetire(harness.tmp_path / "tasks.db")
+    options = build_options({WORK: {"executor": "workers"}}, max_workers=1)
+    worker = Worker(TaskService(harness.app, registry, options), [WORK])
+    loop = harness.start(worker)
+    task_id = submit(web, "/work", b"one")
+    assert status_of(web, task_id, wait=10).body == b"done:one"
+    assert registry.retired == []
+    assert loop.stop() is True
+    # Nothing is left to settle: nobody need wait for the lease to lapse.
+    assert registry.retired == [worker.service.worker_id()]
 
 
 def test_stop_while_every_thread_is_busy_returns_once_they_end(harness: Harness) -> None:

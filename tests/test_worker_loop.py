@@ -30,9 +30,10 @@ from webtest import TestApp
 import wsgi_async.worker as worker_module
 from wsgi_async import AsyncMiddleware, RegistryError, TaskCancelled
 from wsgi_async.config import build_options
-from wsgi_async.model import RequestSnapshot, StoredResponse, TaskStatus
+from wsgi_async.model import RequestSnapshot, StoredResponse, TaskRecord, TaskStatus, new_task_id
 from wsgi_async.registry import MemoryRegistry, Registry
 from wsgi_async.registry.sqlite import SQLiteRegistry
+from wsgi_async.request import snapshot
 from wsgi_async.service import TaskService
 from wsgi_async.worker import Worker, build_worker
 from wsgi_helpers import Environ, client, echo_app, read_body
@@ -299,6 +300,34 @@ def test_a_worker_that_could_never_run_a_task_is_refused_with_a_message(
     with pytest.raises(kind) as raised:
         build(harness)
     assert str(raised.value) == message
+
+
+def test_a_middlewares_worker_on_another_registry_url_keeps_its_tombstone_bounds(
+    harness: Harness,
+) -> None:
+    # The web side here is a bare registry, whose supervisor never runs: only the
+    # worker's sweeps expire the tasks, as the middleware's options bound them.
+    middleware, _ = harness.web(lease_time=0.6, max_tasks=1, tombstone_ttl=2.0)
+    web = harness.open()  # its own tombstone_ttl, a day, for an expired task not swept yet
+    ids = [new_task_id() for _ in range(2)]
+    for task_id in ids:
+        web.enqueue(TaskRecord(id=task_id, route=WORK, result_ttl=0.1),
+                    snapshot({"REQUEST_METHOD": "POST", "PATH_INFO": "/work",
+                              "SERVER_NAME": "example.org", "SERVER_PORT": "80",
+                              "SERVER_PROTOCOL": "HTTP/1.1"}, b""),
+                    max_queued=10)
+    harness.start(build_worker(middleware, registry=harness.url, threads=2))
+    for task_id in ids:
+        done = web.wait(task_id, 10)
+        assert done is not None and done.status is TaskStatus.DONE
+
+    def tombstones() -> list[str]:
+        return [task_id for task_id in ids if web.gone(task_id) is not None]
+
+    # Once the worker swept both: at most max_tasks tombstones, each lasting tombstone_ttl.
+    wait_for(lambda: len(tombstones()) == 1, "the worker sweeps both, keeping one tombstone")
+    [kept] = tombstones()
+    wait_for(lambda: web.gone(kept) is None, "the tombstone lapses")
 
 
 # -- claiming and running ----------------------------------------------------------------

@@ -182,9 +182,11 @@ def test_a_keyed_task_stored_after_its_submit_failed_runs_once_for_the_retry(
 ) -> None:
     registry = LostCreateReplies(lose=1)
     ran: list[bytes] = []
+    multiprocess: list[object] = []
 
     def app(environ: Any, start_response: Any) -> Any:
         ran.append(b"ran")
+        multiprocess.append(environ["wsgi.multiprocess"])
         return echo_app(environ, start_response)
 
     options = build_options([r"^/a"], lease_time=0.6)
@@ -192,7 +194,7 @@ def test_a_keyed_task_stored_after_its_submit_failed_runs_once_for_the_retry(
     route = options.routes[0]
     try:
         with pytest.raises(Refused):
-            service.submit(route, snapshot(POST, b"keyed"), key="k1")
+            service.submit(route, snapshot(POST, b"keyed"), key="k1", multiprocess=False)
         [lost] = registry.lost
         # The client's retry with its key finds the very task, which the supervisor runs.
         again, outcome = service.submit(route, snapshot(POST, b"keyed"), key="k1")
@@ -201,7 +203,7 @@ def test_a_keyed_task_stored_after_its_submit_failed_runs_once_for_the_retry(
         assert done is not None and done.status is TaskStatus.DONE
         assert done.response is not None and done.response.body == b"echo:keyed"
         time.sleep(0.5)  # a few more supervisor ticks: it is not run a second time
-        assert ran == [b"ran"]
+        assert ran == [b"ran"] and multiprocess == [False]  # as the submit said
         assert submit_failed(caplog) == [
             f"wsgi_async: task {lost} was stored after its submit failed; running it"]
     finally:

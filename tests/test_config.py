@@ -232,3 +232,30 @@ def test_a_route_mode_overrides_the_global_one(default: str, other: str) -> None
     first, second = options.routes
     assert options.mode_of(first) == other
     assert options.mode_of(second) == default
+
+
+def test_build_options_names_what_it_does_not_know() -> None:
+    # AsyncMiddleware's own signature refuses a misspelt keyword; build_options, which
+    # the worker and TaskService users call directly, says which ones.
+    with pytest.raises(TypeError) as info:
+        build_options(["^/"], max_workerz=3, lease=1)
+    assert str(info.value) == "unknown option(s): ['lease', 'max_workerz']"
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"tombstone_ttl": -1}, "tombstone_ttl must be a finite number above 0, got -1"),
+        ({"task_timeout": 0}, "task_timeout must be a finite number above 0, got 0"),
+        ({"metrics": "/_async/tasks/metrics"},
+         "metrics path '/_async/tasks/metrics' is under status_path '/_async/tasks'"),
+        ({"metrics": "/jobs/metrics", "status_path": "/jobs"},
+         "metrics path '/jobs/metrics' is under status_path '/jobs'"),
+    ],
+)
+def test_build_options_refuses_each_bad_value_by_name(
+    options: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValueError) as info:
+        build_options(["^/"], **options)
+    assert str(info.value) == message

@@ -1606,3 +1606,50 @@ def test_a_server_that_leaves_out_an_empty_script_name_gets_a_location(
     status, headers, _ = raw_call(middleware, {}, without=("SCRIPT_NAME",))
     assert status == "202 Accepted"
     assert re.fullmatch(r"/_async/tasks/[\w-]{32}", dict(headers)["Location"])
+
+
+@pytest.mark.parametrize(
+    ("environ", "without", "status", "detail"),
+    [
+        # A server may leave CONTENT_LENGTH out when there is no body (PEP 3333, CGI).
+        ({}, ("CONTENT_LENGTH",), "202", None),
+        ({"CONTENT_LENGTH": "+5", "wsgi.input": io.BytesIO(b"12345")}, (), "400",
+         "invalid Content-Length '+5'"),
+        ({"CONTENT_LENGTH": "5_0", "wsgi.input": io.BytesIO(b"1" * 50)}, (), "400",
+         "invalid Content-Length '5_0'"),
+        ({"HTTP_TRANSFER_ENCODING": "chunked"}, ("CONTENT_LENGTH",), "411",
+         "this server does not delimit chunked request bodies; send a Content-Length"),
+        ({"wsgi.input_terminated": True, "wsgi.input": io.BytesIO(b"12345")},
+         ("CONTENT_LENGTH",), "413", "the request body exceeds max_body_size (4)"),
+        ({"wsgi.input_terminated": True, "wsgi.input": io.BytesIO(b"1234")},
+         ("CONTENT_LENGTH",), "202", None),
+    ],
+)
+def test_each_way_of_sending_a_body_is_read_or_refused_by_name(
+    cleanup: list[AsyncMiddleware], environ: Environ, without: tuple[str, ...], status: str,
+    detail: str | None,
+) -> None:
+    middleware, test_app = make(cleanup, echo_app, max_body_size=4)
+    got, headers, body = raw_call(middleware, {"CONTENT_LENGTH": "0", **environ}, without)
+    assert got.startswith(status), (got, body)
+    if detail is not None:
+        assert json.loads(body)["detail"] == detail
+        return
+    location = dict(headers)["Location"]
+    sent = environ.get("wsgi.input", io.BytesIO()).getvalue()
+    assert wait_result(test_app, location, status=201).body == b"echo:" + sent
+
+
+def test_a_retry_that_leaves_out_empty_cgi_keys_is_the_same_request(
+    cleanup: list[AsyncMiddleware],
+) -> None:
+    # QUERY_STRING and PATH_INFO may be left out when empty (PEP 3333): a retry through
+    # another server that does so is the same request, not a conflicting one.
+    middleware, _ = make(cleanup, echo_app, routes=[r"^/?$"])  # the mount point itself
+    key = {"HTTP_IDEMPOTENCY_KEY": "same", "PATH_INFO": ""}
+    first, headers, _ = raw_call(middleware, key)
+    assert first.startswith("202")
+    again, again_headers, body = raw_call(middleware, key, without=("QUERY_STRING",
+                                                                     "PATH_INFO"))
+    assert again.startswith("202"), body
+    assert dict(again_headers)["Location"] == dict(headers)["Location"]

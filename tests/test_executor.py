@@ -286,3 +286,26 @@ def test_a_forked_child_starts_with_an_empty_pool() -> None:
     finally:
         gate.set()
         pool.shutdown()
+
+
+def test_the_pool_starts_one_named_daemon_thread_per_busy_job_up_to_its_bound() -> None:
+    pool = WorkerPool(max_workers=2, max_queued=2, name="reports")
+    gate = threading.Event()
+    jobs = [Job(gate) for _ in range(3)]
+    try:
+        for job in jobs:
+            pool.submit(job)
+        threads = {t.name: t for t in threading.enumerate() if t.name.startswith("reports-")}
+        # Two busy jobs, two threads; the third job waits for one of them.
+        assert sorted(threads) == ["reports-0", "reports-1"]
+        assert all(thread.daemon for thread in threads.values())  # never holds up an exit
+    finally:
+        gate.set()
+    assert all(job.ran.wait(5) for job in jobs)
+    # A job submitted to an idle thread reuses it instead of starting another.
+    idle = Job()
+    pool.submit(idle)
+    assert idle.ran.wait(5)
+    assert sorted(t.name for t in threading.enumerate() if t.name.startswith("reports-")) == [
+        "reports-0", "reports-1"]
+    pool.shutdown()

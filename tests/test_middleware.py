@@ -1609,35 +1609,32 @@ def test_a_server_that_leaves_out_an_empty_script_name_gets_a_location(
 
 
 @pytest.mark.parametrize(
-    ("environ", "without", "status", "detail"),
+    ("environ", "body", "without", "status", "detail"),
     [
         # A server may leave CONTENT_LENGTH out when there is no body (PEP 3333, CGI).
-        ({}, ("CONTENT_LENGTH",), "202", None),
-        ({"CONTENT_LENGTH": "+5", "wsgi.input": io.BytesIO(b"12345")}, (), "400",
-         "invalid Content-Length '+5'"),
-        ({"CONTENT_LENGTH": "5_0", "wsgi.input": io.BytesIO(b"1" * 50)}, (), "400",
-         "invalid Content-Length '5_0'"),
-        ({"HTTP_TRANSFER_ENCODING": "chunked"}, ("CONTENT_LENGTH",), "411",
+        ({}, b"", ("CONTENT_LENGTH",), "202", None),
+        ({"CONTENT_LENGTH": "+5"}, b"12345", (), "400", "invalid Content-Length '+5'"),
+        ({"CONTENT_LENGTH": "5_0"}, b"1" * 50, (), "400", "invalid Content-Length '5_0'"),
+        ({"HTTP_TRANSFER_ENCODING": "chunked"}, b"", ("CONTENT_LENGTH",), "411",
          "this server does not delimit chunked request bodies; send a Content-Length"),
-        ({"wsgi.input_terminated": True, "wsgi.input": io.BytesIO(b"12345")},
-         ("CONTENT_LENGTH",), "413", "the request body exceeds max_body_size (4)"),
-        ({"wsgi.input_terminated": True, "wsgi.input": io.BytesIO(b"1234")},
-         ("CONTENT_LENGTH",), "202", None),
+        ({"wsgi.input_terminated": True}, b"12345", ("CONTENT_LENGTH",), "413",
+         "the request body exceeds max_body_size (4)"),
+        ({"wsgi.input_terminated": True}, b"1234", ("CONTENT_LENGTH",), "202", None),
     ],
 )
 def test_each_way_of_sending_a_body_is_read_or_refused_by_name(
-    cleanup: list[AsyncMiddleware], environ: Environ, without: tuple[str, ...], status: str,
-    detail: str | None,
+    cleanup: list[AsyncMiddleware], environ: Environ, body: bytes, without: tuple[str, ...],
+    status: str, detail: str | None,
 ) -> None:
     middleware, test_app = make(cleanup, echo_app, max_body_size=4)
-    got, headers, body = raw_call(middleware, {"CONTENT_LENGTH": "0", **environ}, without)
-    assert got.startswith(status), (got, body)
+    sent = {"CONTENT_LENGTH": "0", **environ, "wsgi.input": io.BytesIO(body)}
+    got, headers, answer = raw_call(middleware, sent, without)
+    assert got.startswith(status), (got, answer)
     if detail is not None:
-        assert json.loads(body)["detail"] == detail
+        assert json.loads(answer)["detail"] == detail
         return
     location = dict(headers)["Location"]
-    sent = environ.get("wsgi.input", io.BytesIO()).getvalue()
-    assert wait_result(test_app, location, status=201).body == b"echo:" + sent
+    assert wait_result(test_app, location, status=201).body == b"echo:" + body
 
 
 def test_a_retry_that_leaves_out_empty_cgi_keys_is_the_same_request(

@@ -262,6 +262,14 @@ def submit_running(service: TaskService, route: Route, observer: Deltas) -> None
     until(lambda: observer.heard() == 2)  # queued, then taken by the thread
 
 
+def stored_failure(registry: MemoryRegistry, task_id: str) -> tuple[int, Any]:
+    """Wait (10 s at most) for ``task_id`` to end failed; its stored status code and JSON."""
+    failed = registry.wait(task_id, 10)
+    assert failed is not None and failed.status is TaskStatus.FAILED
+    assert failed.response is not None
+    return failed.response.status_code, json.loads(failed.response.body)
+
+
 def test_a_recovered_task_with_no_free_worker_fails_with_a_stored_503() -> None:
     registry = RecoverWhenAllowed(lose=1)
     service, route, gate = one_held_thread(registry)
@@ -272,14 +280,10 @@ def test_a_recovered_task_with_no_free_worker_fails_with_a_stored_503() -> None:
         service.submit(route, snapshot(POST, b"running"))
         service.submit(route, snapshot(POST, b"queued"))  # the pool is full now
         registry.allowed.set()
-        until(lambda: registry.get(lost).status is TaskStatus.FAILED)  # type: ignore[union-attr]
-        failed = registry.get(lost)
-        assert failed is not None and failed.response is not None
-        assert failed.response.status_code == 503
-        assert json.loads(failed.response.body) == {
+        assert stored_failure(registry, lost) == (503, {
             "error": "Service Unavailable",
             "detail": "No worker was free to run the task after the registry came back.",
-            "id": lost}
+            "id": lost})
     finally:
         registry.allowed.set()
         gate.set()
@@ -424,13 +428,10 @@ def test_a_taken_over_task_whose_request_was_not_stored_fails_with_a_stored_500(
     try:
         service.ensure_started()
         task_id = lost_task(registry, b"lost")
-        failed = registry.wait(task_id, 10)
-        assert failed is not None and failed.status is TaskStatus.FAILED
-        assert failed.response is not None and failed.response.status_code == 500
-        assert json.loads(failed.response.body) == {
+        assert stored_failure(registry, task_id) == (500, {
             "error": "Internal Server Error",
             "detail": "The task's request was not stored; it cannot be replayed.",
-            "id": task_id}
+            "id": task_id})
     finally:
         service.shutdown()
 
@@ -464,13 +465,10 @@ def test_a_taken_over_task_with_no_free_worker_fails_with_a_stored_503() -> None
     try:
         service.ensure_started()
         task_id = lost_task(registry, b"lost")
-        failed = registry.wait(task_id, 10)
-        assert failed is not None and failed.status is TaskStatus.FAILED
-        assert failed.response is not None and failed.response.status_code == 503
-        assert json.loads(failed.response.body) == {
+        assert stored_failure(registry, task_id) == (503, {
             "error": "Service Unavailable",
             "detail": "No worker was free to replay the task after its worker was lost.",
-            "id": task_id}
+            "id": task_id})
     finally:
         gate.set()
         service.shutdown()
